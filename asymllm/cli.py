@@ -1,0 +1,53 @@
+"""The `asymllm` command: one sub-command per job, each in its own module.
+
+    asymllm recipes            the grammar and the named aliases
+    asymllm demo               a LoRASYM adapter on the built-in model, end to end
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from .recipe import ALIASES, GRAMMAR, Recipe, describe
+
+COMMANDS = {
+    "recipes": ("asymllm.cli", "recipes_main", "list the recipe grammar and aliases"),
+    "demo": ("asymllm.demo", "main", "adapter demo on the built-in model"),
+}
+
+
+def recipes_main(argv=None) -> None:
+    print("LoRASYM recipes\n")
+    print("Grammar: " + GRAMMAR + ".\n")
+    print("  init   A (r x d_in)                          B (d_out x r)")
+    print("  V      top-r right singular vectors of W0     -")
+    print("  U      -                                      top-r left singular vectors of W0")
+    print("  rand   Haar-random orthonormal rows           Haar-random orthonormal columns")
+    print("  he     kaiming_uniform_(a=sqrt(5))            kaiming_uniform_(a=sqrt(5))")
+    print("  zero   zeros                                  zeros\n")
+    print("Aliases:")
+    for alias, name in ALIASES.items():
+        print(f"  {alias:8s} {describe(Recipe.parse(name))}")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: asymllm <command> [options]\n\ncommands:")
+        for name, (_, _, help_text) in COMMANDS.items():
+            print(f"  {name:10s} {help_text}")
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        sys.exit(f"asymllm: unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)}")
+    module, function, _ = COMMANDS[command]
+    getattr(importlib.import_module(module), function)(rest)
+
+
+if __name__ == "__main__":
+    main()
