@@ -1,6 +1,7 @@
 """The `asymllm` command: one sub-command per job, each in its own module.
 
     asymllm recipes            the grammar and the named aliases
+    asymllm train [flags]      fine-tune with a LoRASYM adapter (see asymllm train --help)
     asymllm demo               a LoRASYM adapter on the built-in model, end to end
 """
 
@@ -13,6 +14,7 @@ from .recipe import ALIASES, GRAMMAR, Recipe, describe
 
 COMMANDS = {
     "recipes": ("asymllm.cli", "recipes_main", "list the recipe grammar and aliases"),
+    "train": ("asymllm.train", "main", "supervised fine-tuning with a LoRASYM adapter (built-in default without flags)"),
     "demo": ("asymllm.demo", "main", "adapter demo on the built-in model"),
 }
 

@@ -1,12 +1,34 @@
-"""Tiny Llama/Mistral models built from configs (random weights): for tests, demos and
-benchmarks on machines without a model hub."""
+"""Tiny Llama/Mistral models built from configs (random weights), a tiny byte-level BPE
+tokenizer trained in-process, and both saved as a normal transformers folder: for tests,
+demos and benchmarks on machines without a model hub.
+
+    from asymllm.tiny import save_tiny_model
+    path = save_tiny_model("/tmp/tiny")            # config + safetensors + tokenizer + generation_config
+    AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)
+"""
 
 from __future__ import annotations
 
+import os
+import random
+
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig}
+
+# Ids 0, 1, 2 in this order, as in SmolLM2's vocabulary. pad is deliberately not eos
+# (DESIGN.md trap 8: a pad == eos tokenizer masks eos out of the loss).
+PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS]
+
+# SmolLM2's ChatML format, without its default system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
@@ -25,3 +47,84 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, **config_kwargs) -> torch
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs), attn_implementation="sdpa")
     return model.float().eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def tiny_corpus(lines: int = 400) -> list[str]:
+    """A fixed English corpus: instructions, answers, numbers, dates, prices, code and
+    punctuation. `random.Random(0)` makes it the same list on every machine and Python."""
+    rng = random.Random(0)
+    subjects = ["The model", "A student", "My neighbour", "The assistant", "Our team", "This recipe", "The cat",
+                "Every adapter", "The teacher", "A small dog", "The river", "Your answer", "The machine"]
+    verbs = ["reads", "writes", "explains", "answers", "trains", "computes", "finds", "describes", "learns",
+             "builds", "checks", "summarises", "translates", "remembers"]
+    objects = ["the question", "a long story", "three apples", "the weather report", "a short poem",
+               "the training loss", "an old map", "every example", "the matrix B", "a random matrix A",
+               "the first chapter", "two numbers", "the capital of France", "a list of words"]
+    tails = ["quickly.", "with care.", "before lunch.", "in the morning.", "again and again.", "without errors!",
+             "step by step.", "for the third time.", "because it must.", "(mostly).", "-- or so they say.",
+             "at 10:45 a.m.", "on 2024-03-17.", "in 5 minutes?"]
+    instructions = ["Explain why the sky is blue.", "Write a haiku about autumn.", "List three prime numbers.",
+                    "What is 12 + 30?", "Summarise the text below.", "Translate 'good morning' into French.",
+                    "Give me a name for a coffee shop.", "How do I sort a list in Python?",
+                    "Describe a cat in one sentence.", "Why do leaves change colour?"]
+    code = ["def add(a, b):\n    return a + b", "for i in range(10):\n    print(i ** 2)",
+            "x = [1, 2, 3]; y = {'k': x}", "if (n % 2 == 0) { return n / 2; }", "SELECT name FROM users WHERE id = 7;",
+            "path = \"/tmp/data.json\"", "assert len(items) >= 1, \"empty\""]
+    out = []
+    for i in range(lines):
+        kind = i % 5
+        if kind == 0:
+            out.append(f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(tails)}")
+        elif kind == 1:
+            out.append(rng.choice(instructions))
+        elif kind == 2:
+            n, m = rng.randint(0, 9999), rng.randint(1, 99)
+            out.append(f"Item #{i}: {n} units at ${m}.{rng.randint(0, 99):02d} each; total = {n * m:,} (approx.) "
+                       f"- ref {rng.choice('ABCDEFGHIJKLMNOPQRSTUVWXYZ')}{rng.randint(100, 999)}")
+        elif kind == 3:
+            out.append(rng.choice(code))
+        else:
+            words = rng.sample(objects + verbs + subjects, 4)
+            out.append(f"Q: {words[0]}, {words[1]}; {words[2]} & {words[3]}? A: Yes -- \"{rng.choice(tails)}\" [{i}] <ok>")
+    return out
+
+
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 / SmolLM2 style) trained here on `tiny_corpus()`: encodes any
+    text, same vocabulary on every call. Specials: <|endoftext|> pad (0), <|im_start|> (1),
+    <|im_end|> eos (2); ChatML chat template without a default system prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+    )
+    tokenizer.train_from_iterator(tiny_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, model_max_length=512,
+    )
+
+
+def save_tiny_model(directory: str | os.PathLike, arch: str = "llama", seed: int = 0, **config_kwargs) -> str:
+    """Write a tiny causal LM + `tiny_tokenizer()` + generation_config (eos <|im_end|>, pad
+    <|endoftext|>) to `directory`, loadable with AutoModelForCausalLM / AutoTokenizer. A
+    `vocab_size` keyword sizes the tokenizer; the model's vocabulary is len(tokenizer)."""
+    tokenizer = tiny_tokenizer(config_kwargs.pop("vocab_size", 512))
+    model = tiny_causal_lm(arch, seed=seed, vocab_size=len(tokenizer), **config_kwargs)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for name, value in ids.items():
+        setattr(model.config, name, value)
+    model.generation_config = GenerationConfig(**ids)
+    directory = os.fspath(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,93 @@
+"""Run configuration: asymllm's own options plus every SFTConfig field, from YAML and flags.
+
+TRL's parser convention: `--config run.yaml` sets defaults, flags win. asymllm's
+defaults differ from TRL's only where TRL's would be wrong for the machine (bf16 and
+gradient checkpointing on a CPU) or for adapters (a LoRA-sized learning rate).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class AdapterArguments:
+    recipe: str = field(default="A_rand_hB_zero", metadata={"help": "LoRASYM recipe or alias (asymllm recipes)"})
+    lora_r: int = field(default=16, metadata={"help": "adapter rank r"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "scale s = lora_alpha / r (or / sqrt(r) with --use_rslora)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "projections to adapt (default: q,k,v,o,gate,up,down)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling lora_alpha / sqrt(r)"})
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(default=None, metadata={"help": "local folder or hub name (default: built-in SmolLM2-135M-Instruct)"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "flash_attention_2, sdpa or eager (default: flash_attention_2 when flash-attn and CUDA are present, else sdpa)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str | None = field(default=None, metadata={"help": "json/jsonl/parquet/csv file or hub name (default: built-in instructions)"})
+    dataset_split: str = field(default="train", metadata={"help": "split to read from a hub dataset"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out file or hub name (default with the built-in data: its held-out part)"})
+    eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of --dataset when no --eval_dataset is given"})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "stop (after saving a checkpoint) at this step, as if interrupted; for resume drills"})
+
+
+def machine_defaults() -> dict:
+    """SFTConfig defaults that depend on the machine or suit adapters."""
+    cuda = torch.cuda.is_available()
+    return {
+        "bf16": cuda and torch.cuda.is_bf16_supported(),
+        "gradient_checkpointing": cuda,  # memory on GPUs; on CPU it only costs time
+        "learning_rate": 1e-3,
+        "num_train_epochs": 2.0,
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 16,
+        "max_length": 512,
+        "logging_steps": 5,
+        "save_strategy": "epoch",
+        "save_total_limit": 2,
+        "eval_strategy": "no",
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 5,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+    }
+
+
+def parse_train_args(argv: list[str] | None = None, use_configured_state: bool = False):
+    """(AdapterArguments, ModelArguments, DataArguments, SFTConfig) from YAML + flags.
+
+    `use_configured_state`: the distributed state was built by the gloo bootstrap, and the
+    Trainer must use it rather than build one without a backend.
+    """
+    from trl import SFTConfig, TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser((AdapterArguments, ModelArguments, DataArguments, SFTConfig), prog="asymllm train")
+    defaults = machine_defaults()
+    if use_configured_state:
+        defaults["accelerator_config"] = {"use_configured_state": True}
+    parser.set_defaults(**defaults)
+    return parser.parse_args_and_config(args=argv)
+
+
+def uses_deepspeed(argv: list[str]) -> bool:
+    """Whether a DeepSpeed config is asked for, before anything is parsed (the bootstrap must
+    run before SFTConfig is built)."""
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        return True
+    if "--config" in argv:
+        import yaml
+
+        path = argv[argv.index("--config") + 1]
+        with open(path) as f:
+            return bool((yaml.safe_load(f) or {}).get("deepspeed"))
+    return False

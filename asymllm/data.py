@@ -1,0 +1,428 @@
+"""Instruction data: load, validate and normalise it into conversations (`Example`s).
+
+    from asymllm.data import load_examples, split_heldout, tokenize_examples
+    examples, skips = load_examples("my_data.jsonl")       # or .json .csv .parquet, a folder, a hub name
+    train, heldout = split_heldout(examples, fraction=0.05, seed=42)
+    dataset, report = tokenize_examples(train, tokenizer, max_length=512)   # see asymllm/chat.py
+
+Accepted layouts, detected per file from its first example (other fields are kept in
+`Example.meta` and otherwise ignored):
+
+    alpaca             {"instruction": "Add the numbers.", "input": "2 3", "output": "5"}
+                       `input` and `system` optional; the user turn is the instruction,
+                       then a blank line and the input when there is one
+    chat               {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+                       roles system / user / assistant; it must end with an assistant turn
+    prompt/completion  {"prompt": "2 + 3?", "completion": "5"}   (strings: one user and one assistant turn;
+                       `system` optional) or lists of messages like `messages` above
+
+Files: `.jsonl` (one object a line), `.json` (an array of objects, or an object holding
+the array under "data" or under the split's name; a `.json` file that is really JSON
+Lines is read as such), `.csv` (a header row; a `messages` cell holds JSON), `.parquet`.
+Anything else that is not an existing path is loaded with `datasets.load_dataset(name,
+split=split)` (a hub dataset, or a local folder). `split` matters only there and for
+JSON objects keyed by split.
+
+Locations in messages: `file:LINE` (1-based; for JSON and CSV the line where the
+example starts) for text files, `name[ROW]` (0-based, as in `dataset[ROW]`) for parquet
+files and datasets.
+
+Errors vs skips. A `DataError` (naming location and field) for: malformed JSON, a
+missing or non-string required field, an empty response (output / completion / any
+assistant turn, blank or whitespace), an empty user turn or instruction, an unknown role,
+a conversation not ending with an assistant turn, an unknown or ambiguous layout, and a
+file with no examples. Skipped and counted in the `SkipReport`: records with no value in
+any field (blank JSONL lines, empty CSV rows, all-null parquet rows) - padding, not
+examples. Counted and kept: exact duplicates. `tokenize_examples` skips and counts
+examples whose whole response lies beyond max_length.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .chat import (  # noqa: F401  (re-exported: asymllm.data is the data API)
+    DEFAULT_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    ROLES,
+    DataError,
+    Example,
+    TokenizeReport,
+    ensure_chat_template,
+    ensure_pad_token,
+    tokenize_examples,
+)
+
+logger = logging.getLogger(__name__)
+
+_DATA_DIR = Path(__file__).resolve().parent / "data"
+# The built-in dataset (alpaca JSON Lines, written by benchmarks/make_builtin_data.py):
+# 480 train and 120 held-out examples, 6 task families with short exact-match answers;
+# each record's "task" field (the family) ends up in Example.meta["task"].
+BUILTIN_DATASET = str(_DATA_DIR / "builtin_instructions.jsonl")
+BUILTIN_HELDOUT = str(_DATA_DIR / "builtin_instructions_heldout.jsonl")
+
+# layout -> fields it requires; detection looks for these on the first example.
+LAYOUTS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt/completion": ("prompt", "completion")}
+ACCEPTED = (
+    "accepted layouts: alpaca {instruction, input (optional), output}; chat {messages: [{role, content}, ...]}; "
+    "prompt/completion {prompt, completion} (strings or lists of messages)"
+)
+FILE_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+EMPTY_RECORD = "empty record (no field has a value)"
+
+Record = tuple[str, dict | None]  # (location, fields); None for a blank line or row
+
+
+@dataclass
+class SkipReport:
+    """What load_examples read, skipped (with where) and noticed; `summary()` for the log."""
+
+    source: str
+    n_read: int = 0  # records, skipped ones included
+    n_kept: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> locations
+    duplicates: list[str] = field(default_factory=list)  # locations of exact repeats (kept)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(len(locations) for locations in self.skipped.values())
+
+    def skip(self, reason: str, location: str) -> None:
+        self.skipped.setdefault(reason, []).append(location)
+
+    def summary(self) -> str:
+        line = (
+            f"{self.source}: {self.n_read} records read, {self.n_kept} examples kept, {self.n_skipped} skipped, "
+            f"{len(self.duplicates)} exact duplicates (kept)"
+        )
+        for reason, locations in self.skipped.items():
+            line += f"; skipped {len(locations)} {reason}: {_sample(locations)}"
+        if self.duplicates:
+            line += f"; duplicates at {_sample(self.duplicates)}"
+        return line
+
+
+def _sample(items: list[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (", ..." if len(items) > shown else "")
+
+
+def load_examples(source: str, split: str = "train") -> tuple[list[Example], SkipReport]:
+    """Every example of `source` as a normalised conversation, and what was skipped."""
+    source = os.fspath(source)
+    report = SkipReport(source)
+    layout, examples, seen = None, [], {}
+    for location, record in _records(source, split):
+        report.n_read += 1
+        if record is None or not any(_has_value(value) for value in record.values()):
+            report.skip(EMPTY_RECORD, location)
+            continue
+        layout = layout or _detect_layout(record, location)
+        example = _to_example(layout, record, location)
+        key = json.dumps(example.messages, sort_keys=True)
+        if key in seen:
+            report.duplicates.append(f"{location} (= {seen[key]})")
+        else:
+            seen[key] = location
+        examples.append(example)
+    if not examples:
+        detail = f" ({report.n_skipped} empty records)" if report.n_read else ""
+        raise DataError(f"{source}: no examples in it{detail}")
+    report.n_kept = len(examples)
+    if report.n_skipped:  # the caller logs the summary; a skip is also a warning here, so none goes unseen
+        logger.warning(report.summary())
+    return examples, report
+
+
+def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, heldout): a seeded random `fraction` held out, both keeping the input order."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"the held-out fraction must be in [0, 1), got {fraction}")
+    if fraction == 0:
+        return list(examples), []
+    n_heldout = max(1, round(len(examples) * fraction))
+    if n_heldout >= len(examples):
+        raise DataError(f"cannot hold out {fraction:.0%} of {len(examples)} examples and keep any to train on")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_heldout])
+    train = [example for i, example in enumerate(examples) if i not in held]
+    return train, [example for i, example in enumerate(examples) if i in held]
+
+
+# --- reading files: each yields (location, record) -------------------------------------
+
+
+def _records(source: str, split: str) -> Iterator[Record]:
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        if suffix in FILE_TYPES:  # looks like a file name: a typo, not a hub dataset
+            raise DataError(f"{source}: file not found")
+        return _hub_records(source, split)
+    if suffix == ".jsonl":
+        return _jsonl_records(path)
+    if suffix == ".json":
+        return _json_records(path, split)
+    if suffix == ".csv":
+        return _csv_records(path)
+    if suffix == ".parquet":
+        return _parquet_records(path)
+    raise DataError(f"{source}: unknown file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
+
+
+def _jsonl_records(path: Path, text: str | None = None) -> Iterator[Record]:
+    text = _read_text(path) if text is None else text
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and other characters splitlines() breaks on.
+    lines = text.split("\n")
+    if lines[-1] == "":  # the file's final newline ends the last line, it does not start a new one
+        lines.pop()
+    for number, line in enumerate(lines, 1):
+        location = f"{path}:{number}"
+        if not line.strip():
+            yield location, None
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{location}: malformed JSON ({error.msg}, column {error.colno})") from None
+        yield location, _as_object(record, location)
+
+
+def _json_records(path: Path, split: str) -> Iterator[Record]:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data" and text.lstrip().startswith("{"):  # JSON Lines named .json
+            logger.info("%s: several JSON values, one a line: reading it as JSON Lines", path)
+            return _jsonl_records(path, text)
+        raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
+    if isinstance(data, dict):
+        key = next((k for k in ("data", split) if isinstance(data.get(k), list)), None)
+        if key is None:
+            raise DataError(
+                f"{path}: a JSON object must hold the examples as a list under 'data' or '{split}'; "
+                f"found keys {sorted(data)}"
+            )
+        return _array_records(path, text, _value_start(text, key))
+    if isinstance(data, list):
+        return _array_records(path, text, text.index("["))
+    raise DataError(f"{path}: expected a JSON array of examples, got {type(data).__name__}")
+
+
+def _array_records(path: Path, text: str, start: int) -> Iterator[Record]:
+    """The elements of the (already validated) JSON array at text[start], with their lines."""
+    decoder = json.JSONDecoder()
+    position = _skip_space(text, start + 1)
+    line, counted_to = 1, 0  # lines counted incrementally: counting from 0 each time is quadratic
+    while text[position] != "]":
+        line, counted_to = line + text.count("\n", counted_to, position), position
+        location = f"{path}:{line}"
+        value, end = decoder.raw_decode(text, position)
+        yield location, _as_object(value, location)
+        position = _skip_space(text, end)
+        if text[position] == ",":
+            position = _skip_space(text, position + 1)
+
+
+def _value_start(text: str, wanted: str) -> int:
+    """Where the value of the top-level key `wanted` starts in the (validated) JSON object `text`."""
+    decoder = json.JSONDecoder()
+    position = _skip_space(text, text.index("{") + 1)
+    while True:
+        key, end = decoder.raw_decode(text, position)
+        position = _skip_space(text, _skip_space(text, end) + 1)  # past the colon
+        if key == wanted:
+            return position
+        _, end = decoder.raw_decode(text, position)
+        position = _skip_space(text, _skip_space(text, end) + 1)  # past the comma
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _csv_records(path: Path) -> Iterator[Record]:
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    header = next(reader, None)
+    if header is None:
+        return
+    end_of_previous = reader.line_num
+    for row in reader:
+        location = f"{path}:{end_of_previous + 1}"  # where the row starts: a quoted cell may span lines
+        end_of_previous = reader.line_num
+        if not any(cell.strip() for cell in row):
+            yield location, None
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{location}: {len(row)} cells, but the header has {len(header)} ({', '.join(header)})")
+        yield location, dict(zip(header, row))
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable parquet file ({error})") from error
+    for number, row in enumerate(rows):
+        yield f"{path}[{number}]", row
+
+
+def _hub_records(name: str, split: str) -> Iterator[Record]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as error:  # offline, unknown name, no such split: all mean "cannot read it"
+        raise DataError(
+            f"{name}: not a local file, and loading it as a dataset "
+            f"(datasets.load_dataset({name!r}, split={split!r})) "
+            f"failed: {type(error).__name__}: {error}. Check the path; for a hub dataset the hub must be reachable "
+            f"or the dataset already in the local cache"
+        ) from error
+    for number, row in enumerate(dataset):
+        yield f"{name}[{number}]", row
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+
+
+def _as_object(value, location: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{location}: expected a JSON object (one example), got {type(value).__name__}")
+    return value
+
+
+def _has_value(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, (list, tuple, dict)):
+        return bool(value)
+    return value is not None
+
+
+# --- records into conversations ----------------------------------------------------------
+
+
+def _detect_layout(record: dict, location: str) -> str:
+    """The layout whose required fields the first example has (all of them, else some of them)."""
+    keys = set(record)
+    complete = [name for name, fields in LAYOUTS.items() if keys >= set(fields)]
+    partial = [name for name, fields in LAYOUTS.items() if keys & set(fields)]
+    candidates = complete or partial
+    if len(candidates) == 1:
+        return candidates[0]
+    found = f"fields found at {location}: {sorted(keys)}"
+    if candidates:
+        both = " and ".join(candidates)
+        raise DataError(f"{location}: ambiguous layout, it has the fields of {both}; {found}; {ACCEPTED}")
+    raise DataError(f"{location}: unknown layout; {found}; {ACCEPTED}")
+
+
+def _to_example(layout: str, record: dict, location: str) -> Example:
+    if layout == "alpaca":
+        instruction = _text(record, "instruction", location, required=True)
+        extra = _text(record, "input", location, required=False)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        output = _text(record, "output", location, required=True)
+        messages = _with_system(record, location, [_turn("user", user), _turn("assistant", output)])
+        used = ("instruction", "input", "output", "system")
+    elif layout == "chat":
+        if record.get("messages") is None:
+            raise DataError(f"{location}: missing field 'messages'")
+        messages = _messages(_json_cell(record["messages"], location, "messages"), location, "messages")
+        used = ("messages",)
+    elif layout == "prompt/completion":
+        messages = _side(record, "prompt", "user", location) + _side(record, "completion", "assistant", location)
+        if isinstance(record.get("prompt"), str):
+            messages = _with_system(record, location, messages)
+        used = ("prompt", "completion", "system")
+    else:
+        raise AssertionError(f"unhandled layout {layout!r}")
+    _check_conversation(messages, location, "completion" if layout == "prompt/completion" else "messages")
+    meta = {key: value for key, value in record.items() if key not in used}
+    return Example(messages=messages, source=location, meta=meta)
+
+
+def _text(record: dict, name: str, location: str, required: bool, label: str | None = None) -> str:
+    """record[name] as a string; `label` is the field's name in messages (default `name`)."""
+    label = label or name
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise DataError(f"{location}: missing field '{label}'")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{location}: field '{label}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{location}: field '{label}' is empty")
+    return value
+
+
+def _turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def _with_system(record: dict, location: str, messages: list[dict]) -> list[dict]:
+    system = _text(record, "system", location, required=False)
+    return [_turn("system", system), *messages] if system.strip() else messages
+
+
+def _side(record: dict, name: str, role: str, location: str) -> list[dict]:
+    """A prompt/completion field: a string is one turn of `role`, a list is messages."""
+    value = record.get(name)
+    if isinstance(value, (list, tuple)):
+        return _messages(value, location, name)
+    return [_turn(role, _text(record, name, location, required=True))]
+
+
+def _json_cell(value, location: str, name: str):
+    """CSV cells are strings: a `messages` cell holds JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{location}: field '{name}' is not valid JSON ({error.msg}, column {error.colno})") from None
+
+
+def _messages(value, location: str, name: str) -> list[dict]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{location}: field '{name}' must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for k, message in enumerate(value):
+        here = f"{name}[{k}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{location}: field '{here}' must be an object with 'role' and 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataError(f"{location}: field '{here}.role' is {role!r}; expected one of {', '.join(ROLES)}")
+        content = _text(message, "content", location, required=role != "system", label=f"{here}.content")
+        messages.append(_turn(role, content))
+    return messages
+
+
+def _check_conversation(messages: list[dict], location: str, name: str) -> None:
+    last = messages[-1]["role"]
+    if last != "assistant":
+        raise DataError(
+            f"{location}: field '{name}' ends with a {last!r} turn; "
+            f"a conversation must end with the assistant's response"
+        )

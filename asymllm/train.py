@@ -1,0 +1,185 @@
+"""Supervised fine-tuning with a LoRASYM adapter: parse, load, adapt, train, save.
+
+    asymllm train                                   # built-in default: SmolLM2-135M + built-in data
+    deepspeed launch/sft.py --recipe A_rand_hB_zero --deepspeed ds_configs/zero3.json ...
+    torchrun --nproc_per_node 8 launch/sft.py --config run.yaml --model meta-llama/Llama-2-7b-hf
+
+Order matters under ZeRO-3: the distributed bootstrap, then the SFTConfig (it activates
+the DeepSpeed config), then `from_pretrained` (which then loads the base partitioned),
+then the adapter (its SVD inits gather the full weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+from . import data as data_lib
+from .adapter import LoRASYMConfig, get_lorasym_model
+from .builtin import resolve_model
+from .config import parse_train_args, uses_deepspeed
+from .distributed import bootstrap_cpu_distributed, finish_distributed
+from .packing import check_packing
+from .recipe import Recipe, describe
+from .report import plot_loss_curve, write_run_record
+from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps
+from .zero import count_parameters, rank_and_world
+
+logger = logging.getLogger("asymllm.train")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
+    bootstrapped, bootstrap_line = bootstrap_cpu_distributed(uses_deepspeed(argv))
+    adapter_args, model_args, data_args, sft_config = parse_train_args(argv, use_configured_state=bootstrapped)
+    logger.info(bootstrap_line)
+    try:
+        return train(adapter_args, model_args, data_args, sft_config)
+    finally:
+        finish_distributed()
+
+
+def train(adapter_args, model_args, data_args, sft_config) -> dict:
+    recipe = Recipe.parse(adapter_args.recipe)
+    sft_config.output_dir = sft_config.output_dir or os.path.join("outputs", f"{recipe.name}-r{adapter_args.lora_r}")
+    model_path = resolve_model(model_args.model)
+    tokenizer = load_tokenizer(model_path)
+    train_set, eval_set = load_data(data_args, tokenizer, sft_config)
+    attn = choose_attention(model_args.attn_implementation)
+    logger.info(check_packing(sft_config.packing, attn, strategy=sft_config.packing_strategy, padding_free=sft_config.padding_free))
+    model = load_model(model_path, sft_config, attn, tokenizer)
+    model = get_lorasym_model(model, LoRASYMConfig(
+        recipe=recipe, r=adapter_args.lora_r, lora_alpha=adapter_args.lora_alpha, lora_dropout=adapter_args.lora_dropout,
+        target_modules=adapter_args.target_modules, use_rslora=adapter_args.use_rslora, seed=sft_config.seed))
+    trainable, total = count_parameters(model)
+    logger.info("recipe %s; trainable parameters %s of %s (%.3f%%)", describe(recipe), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+    resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir)
+    trainer = LorasymSFTTrainer(model=model, args=sft_config, train_dataset=train_set, eval_dataset=eval_set,
+                                processing_class=tokenizer)
+    if resume:
+        trainer.add_callback(RestoreFrozenFactors(model, resume))
+    if data_args.stop_after_steps:
+        trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
+    write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path)
+    result = trainer.train(resume_from_checkpoint=resume)
+    if data_args.stop_after_steps and trainer.state.global_step < trainer.state.max_steps:
+        logger.info("stopped at step %d as asked (--stop_after_steps)", trainer.state.global_step)
+        return {"stopped_at": trainer.state.global_step, "output_dir": sft_config.output_dir}
+    return finish(trainer, sft_config, eval_set, result)
+
+
+def load_tokenizer(model_path: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    logger.info(data_lib.ensure_chat_template(tokenizer))
+    logger.info(data_lib.ensure_pad_token(tokenizer))
+    return tokenizer
+
+
+def load_data(data_args, tokenizer, sft_config):
+    """Tokenized train and held-out sets (input_ids + labels), with every skip reported."""
+    source = data_args.dataset or data_lib.BUILTIN_DATASET
+    examples, skips = data_lib.load_examples(source, split=data_args.dataset_split)
+    logger.info("data: %d examples; %s", len(examples), skips.summary())
+    eval_source = data_args.eval_dataset or (data_lib.BUILTIN_HELDOUT if data_args.dataset is None else None)
+    held_out = []
+    if eval_source:
+        held_out, eval_skips = data_lib.load_examples(eval_source, split="test" if eval_source != source else data_args.dataset_split)
+        logger.info("held-out: %d examples; %s", len(held_out), eval_skips.summary())
+    elif data_args.eval_fraction > 0:
+        examples, held_out = data_lib.split_heldout(examples, data_args.eval_fraction, seed=sft_config.seed)
+        logger.info("held out %d of the examples (--eval_fraction %s)", len(held_out), data_args.eval_fraction)
+    train_set, report = data_lib.tokenize_examples(examples, tokenizer, sft_config.max_length)
+    logger.info("train tokens: %s", report.summary())
+    eval_set = None
+    if held_out:
+        eval_set, eval_report = data_lib.tokenize_examples(held_out, tokenizer, sft_config.max_length)
+        logger.info("held-out tokens: %s", eval_report.summary())
+    return train_set, eval_set
+
+
+def choose_attention(requested: str | None) -> str:
+    if requested:
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            logger.info("attention: flash_attention_2 (flash-attn %s on CUDA)", flash_attn.__version__)
+            return "flash_attention_2"
+        except ImportError:
+            logger.info("attention: sdpa (flash-attn not installed: pip install 'asymllm[gpu]' for flash_attention_2)")
+            return "sdpa"
+    logger.info("attention: sdpa (no CUDA; flash-attn needs a GPU)")
+    return "sdpa"
+
+
+def load_model(model_path: str, sft_config, attn: str, tokenizer):
+    dtype = torch.bfloat16 if sft_config.bf16 else (torch.float16 if sft_config.fp16 else torch.float32)
+    logger.info("model %s in %s, attention %s", model_path, str(dtype).removeprefix("torch."), attn)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if sft_config.gradient_checkpointing:
+        model.enable_input_require_grads()  # a frozen base gives checkpointed blocks no grad input otherwise
+    return model
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    if not value:
+        return None
+    if value == "auto":
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        logger.info("resume auto: %s", f"continuing from {last}" if last else f"no checkpoint in {output_dir}; starting from scratch")
+        return last
+    if not os.path.isdir(value):
+        raise SystemExit(f"--resume_from_checkpoint {value}: no such checkpoint folder (use 'auto' to take the latest in --output_dir)")
+    return value
+
+
+def finish(trainer, sft_config, eval_set, result) -> dict:
+    final_dir = os.path.join(sft_config.output_dir, "adapter")
+    trainer.save_model(final_dir)
+    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step}
+    if eval_set is not None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics["first_logged_loss"], metrics["last_logged_loss"] = (logged[0], logged[-1]) if logged else (None, None)
+    if rank_and_world()[0] == 0:
+        plot_loss_curve(trainer.state.log_history, os.path.join(sft_config.output_dir, "loss_curve.png"))
+        with open(os.path.join(sft_config.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print_next_steps(sft_config.output_dir, final_dir, metrics)
+    return {**metrics, "adapter_dir": final_dir, "output_dir": sft_config.output_dir}
+
+
+def print_next_steps(output_dir: str, adapter_dir: str, metrics: dict) -> None:
+    first, last = metrics["first_logged_loss"], metrics["last_logged_loss"]
+    lines = [
+        "",
+        f"done: {metrics['steps']} steps; train loss {first:.4f} (first log) -> {last:.4f} (last log)" if first is not None else "done",
+        f"held-out loss: {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else None,
+        f"adapter:    {adapter_dir}   (peft format; frozen factors included; recipe in lorasym.json)",
+        f"loss curve: {os.path.join(output_dir, 'loss_curve.png')}",
+        f"run record: {os.path.join(output_dir, 'asymllm_run.json')}",
+        "next:",
+        f"  python -c \"from peft import PeftModel; from transformers import AutoModelForCausalLM as M; "
+        f"PeftModel.from_pretrained(M.from_pretrained('<base>'), '{adapter_dir}')\"",
+    ]
+    print("\n".join(line for line in lines if line is not None), flush=True)
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(format=f"[asymllm rank{rank}] %(message)s", level=logging.INFO if rank == 0 else logging.WARNING)
+
+
+if __name__ == "__main__":
+    main()
