@@ -15,6 +15,8 @@ from .recipe import ALIASES, GRAMMAR, Recipe, describe
 COMMANDS = {
     "recipes": ("asymllm.cli", "recipes_main", "list the recipe grammar and aliases"),
     "train": ("asymllm.train", "main", "supervised fine-tuning with a LoRASYM adapter (built-in default without flags)"),
+    "eval": ("asymllm.evaluation.cli", "main", "evaluate: mmlu, alpaca (generation + judge), report"),
+    "sweep": ("asymllm.sweep", "main", "train + evaluate every recipe x rank x seed; table and plot"),
     "demo": ("asymllm.demo", "main", "adapter demo on the built-in model"),
 }
 

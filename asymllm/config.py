@@ -7,10 +7,15 @@ gradient checkpointing on a CPU) or for adapters (a LoRA-sized learning rate).
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
+
+
+class ConfigError(ValueError):
+    """A flag or config file that cannot be used; the message names it."""
 
 
 @dataclass
@@ -59,6 +64,7 @@ def machine_defaults() -> dict:
         "warmup_steps": 5,
         "report_to": "none",
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": cuda,
     }
 
 
@@ -76,7 +82,21 @@ def parse_train_args(argv: list[str] | None = None, use_configured_state: bool =
     if use_configured_state:
         defaults["accelerator_config"] = {"use_configured_state": True}
     parser.set_defaults(**defaults)
-    return parser.parse_args_and_config(args=argv)
+    if "--config" in argv:
+        read_yaml_config(argv)  # clear errors for a missing or malformed file, before TRL opens it
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except ValueError as error:  # unknown flags, or unknown keys in the YAML file
+        raise ConfigError(f"{error}{_suggest_flags(parser, argv)}") from None
+
+
+def _suggest_flags(parser, argv: list[str]) -> str:
+    import difflib
+
+    known = [option for action in parser._actions for option in action.option_strings]
+    unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known and a != "--config"]
+    hints = [f"{flag} -> {close[0]}" for flag in unknown if (close := difflib.get_close_matches(flag, known, n=1))]
+    return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
 
 def uses_deepspeed(argv: list[str]) -> bool:
@@ -85,9 +105,25 @@ def uses_deepspeed(argv: list[str]) -> bool:
     if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
         return True
     if "--config" in argv:
-        import yaml
-
-        path = argv[argv.index("--config") + 1]
-        with open(path) as f:
-            return bool((yaml.safe_load(f) or {}).get("deepspeed"))
+        config = read_yaml_config(argv)
+        return bool(config.get("deepspeed"))
     return False
+
+
+def read_yaml_config(argv: list[str]) -> dict:
+    import yaml
+
+    index = argv.index("--config")
+    if index + 1 >= len(argv):
+        raise ConfigError("--config needs a YAML file path")
+    path = argv[index + 1]
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({error})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--config {path}: must be a YAML mapping of flag names to values")
+    return config

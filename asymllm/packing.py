@@ -34,6 +34,10 @@ TOLERANCE = 1e-4  # fp32 tiny model: an exact mask gives ~2e-7, a leaking one ~0
 EXAMPLE_LENGTHS = (5, 3, 6)
 
 
+class PackingError(ValueError):
+    """Packing asked for where attention would cross examples."""
+
+
 def packed_batch(examples: list[torch.Tensor]) -> dict:
     """The model inputs TRL's DataCollatorForLanguageModeling(padding_free=True) makes from
     these 1-D token tensors (tests/test_packing.py checks it against the real collator)."""
@@ -110,7 +114,7 @@ def check_packing(packing: bool, attn_implementation: str, *, strategy: str = "b
     if not packing and not padding_free:
         return f"packing: off (attention {attn_implementation})"
     if packing and strategy == "wrapped":
-        raise ValueError(
+        raise PackingError(
             "--packing_strategy wrapped cuts a stream of examples into rows with one attention span, so every "
             "example attends to the ones before it in its row; use --packing_strategy bfd (the default: "
             "padding-free rows, examples kept apart) or drop --packing"
@@ -119,7 +123,7 @@ def check_packing(packing: bool, attn_implementation: str, *, strategy: str = "b
     exact, why = packing_is_exact(attn_implementation)
     if exact:
         return f"{mode}: exact with attention {attn_implementation}: {why}"
-    raise ValueError(
+    raise PackingError(
         f"--{mode} with --attn_implementation {attn_implementation} would let attention cross packed examples: "
         f"{why}. Install flash-attn and use --attn_implementation flash_attention_2 (GPU), or use "
         f"--attn_implementation sdpa or eager with a transformers whose masking_utils detects packed position_ids "

@@ -21,12 +21,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import data as data_lib
+from .data import DataError
 from .adapter import LoRASYMConfig, get_lorasym_model
 from .builtin import resolve_model
-from .config import parse_train_args, uses_deepspeed
+from .checkpoint import AdapterFileError
+from .config import ConfigError, parse_train_args, uses_deepspeed
 from .distributed import bootstrap_cpu_distributed, finish_distributed
-from .packing import check_packing
-from .recipe import Recipe, describe
+from .init import InitError
+from .packing import PackingError, check_packing
+from .recipe import Recipe, RecipeError, describe
+from .targets import TargetError
 from .report import plot_loss_curve, write_run_record
 from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps
 from .zero import count_parameters, rank_and_world
@@ -34,14 +38,25 @@ from .zero import count_parameters, rank_and_world
 logger = logging.getLogger("asymllm.train")
 
 
+class ModelLoadError(RuntimeError):
+    """--model names nothing that can be loaded."""
+
+
+
+# Mistakes a user can make in flags, files or data: one clear line, no traceback.
+USER_ERRORS = (RecipeError, DataError, TargetError, InitError, AdapterFileError, PackingError, ModelLoadError, ConfigError)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
-    bootstrapped, bootstrap_line = bootstrap_cpu_distributed(uses_deepspeed(argv))
-    adapter_args, model_args, data_args, sft_config = parse_train_args(argv, use_configured_state=bootstrapped)
-    logger.info(bootstrap_line)
     try:
+        bootstrapped, bootstrap_line = bootstrap_cpu_distributed(uses_deepspeed(argv))
+        adapter_args, model_args, data_args, sft_config = parse_train_args(argv, use_configured_state=bootstrapped)
+        logger.info(bootstrap_line)
         return train(adapter_args, model_args, data_args, sft_config)
+    except USER_ERRORS as error:
+        raise SystemExit(f"asymllm train: error: {error}") from None
     finally:
         finish_distributed()
 
@@ -49,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 def train(adapter_args, model_args, data_args, sft_config) -> dict:
     recipe = Recipe.parse(adapter_args.recipe)
     sft_config.output_dir = sft_config.output_dir or os.path.join("outputs", f"{recipe.name}-r{adapter_args.lora_r}")
-    model_path = resolve_model(model_args.model)
+    model_path = check_model_path(resolve_model(model_args.model))
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
     attn = choose_attention(model_args.attn_implementation)
@@ -77,7 +92,11 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
 
 
 def load_tokenizer(model_path: str):
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"--model {model_path}: cannot load its tokenizer ({first})") from None
     logger.info(data_lib.ensure_chat_template(tokenizer))
     logger.info(data_lib.ensure_pad_token(tokenizer))
     return tokenizer
@@ -121,10 +140,22 @@ def choose_attention(requested: str | None) -> str:
     return "sdpa"
 
 
+def check_model_path(model_path: str) -> str:
+    """A path-like --model that does not exist is a typo, not a hub name."""
+    looks_local = model_path.startswith(("/", "./", "../", "~")) or os.path.sep + os.path.sep in model_path
+    if looks_local and not os.path.isdir(os.path.expanduser(model_path)):
+        raise ModelLoadError(f"--model {model_path}: no such folder")
+    return os.path.expanduser(model_path)
+
+
 def load_model(model_path: str, sft_config, attn: str, tokenizer):
     dtype = torch.bfloat16 if sft_config.bf16 else (torch.float16 if sft_config.fp16 else torch.float32)
     logger.info("model %s in %s, attention %s", model_path, str(dtype).removeprefix("torch."), attn)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"--model {model_path}: cannot load ({first}); give a local folder or a hub name that is cached or reachable") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if sft_config.gradient_checkpointing:
@@ -140,14 +171,15 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
         logger.info("resume auto: %s", f"continuing from {last}" if last else f"no checkpoint in {output_dir}; starting from scratch")
         return last
     if not os.path.isdir(value):
-        raise SystemExit(f"--resume_from_checkpoint {value}: no such checkpoint folder (use 'auto' to take the latest in --output_dir)")
+        raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder (use 'auto' to take the latest in --output_dir)")
     return value
 
 
 def finish(trainer, sft_config, eval_set, result) -> dict:
     final_dir = os.path.join(sft_config.output_dir, "adapter")
     trainer.save_model(final_dir)
-    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step}
+    metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+               "trainable_params": count_parameters(trainer.model)[0]}
     if eval_set is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]

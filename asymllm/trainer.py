@@ -30,10 +30,14 @@ class LorasymSFTTrainer(SFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._loss_tokens = 0
-        self._last_log = (time.perf_counter(), 0)
+        self._last_log = None  # (time, tokens) at the previous log; set at the first step
+
+
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
+        if self._last_log is None:
+            self._last_log = (time.perf_counter(), 0.0)
         if labels is not None and model.training:
             self._loss_tokens += int((labels[..., 1:] != -100).sum())  # shifted: what the loss really counts
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

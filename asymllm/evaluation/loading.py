@@ -1,0 +1,49 @@
+"""The model under evaluation: a base model, a base + adapter (unmerged, through peft), or a
+merged export. One function, so every evaluation loads models the same way."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..builtin import resolve_model
+from ..checkpoint import adapter_base_model, load_lorasym_model
+
+logger = logging.getLogger(__name__)
+
+
+class EvalModelError(ValueError):
+    pass
+
+
+def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: str = "auto",
+                  attn_implementation: str = "sdpa", device: str | None = None):
+    """(model in eval mode, tokenizer, a short description). `model` defaults to the adapter's
+    recorded base, else the built-in default; `dtype` auto = bf16 on CUDA, fp32 on CPU."""
+    if adapter is not None and not os.path.isdir(adapter):
+        raise EvalModelError(f"--adapter {adapter}: no such folder")
+    base = model or (adapter_base_model(adapter) if adapter else None)
+    path = resolve_model(base)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = _dtype(dtype, device)
+    tokenizer_source = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    if adapter:
+        network = load_lorasym_model(network, adapter)
+    network.to(device).eval()
+    description = f"{path}" + (f" + adapter {adapter}" if adapter else "") + f" ({str(torch_dtype).removeprefix('torch.')}, {device})"
+    logger.info("evaluating %s", description)
+    return network, tokenizer, description
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in choices:
+        raise EvalModelError(f"--dtype {name!r}: choose one of auto, {', '.join(choices)}")
+    return choices[name]

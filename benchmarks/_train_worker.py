@@ -1,0 +1,230 @@
+"""One measured training run for benchmarks/train_throughput.py (not meant to be run by hand).
+
+    python benchmarks/_train_worker.py --variant asymllm|peer --out DIR [--deepspeed CFG] ...
+    python -m torch.distributed.run --nproc_per_node 2 benchmarks/_train_worker.py ... --deepspeed ds_configs/zero3.json
+
+Variants (same model, data, rank, batch and SFTConfig values; see SFT_VALUES):
+
+- asymllm: `asymllm.train.main(argv)`, the real entry point (`asymllm train` / launch/sft.py),
+  recipe A_rand_hB_zero. Its trainer class is swapped for a subclass that adds only the
+  measurement below.
+- peer: plain `trl.SFTTrainer(model=AutoModelForCausalLM, peft_config=LoraConfig(...))` on
+  the same tokenized dataset (asymllm.data.tokenize_examples). Under a DeepSpeed config on
+  a machine without CUDA it gets the same gloo bootstrap as asymllm
+  (asymllm.distributed.bootstrap_cpu_distributed + accelerator_config
+  use_configured_state): a workaround for the machine, not part of what is compared.
+
+Measurement, identical for both (the `Measured` mixin + `Timer` callback):
+- loss-bearing tokens: (labels[..., 1:] != -100).sum() of every batch given to
+  training_step (shifted: what the causal-LM loss counts), from step warmup+1 on;
+- timed window: from on_step_end of step `warmup` to on_step_end of the last step
+  (batch fetching and the trainer's logging between steps included);
+- memory: the peak RSS (VmHWM) of the process up to the start of training (model load,
+  adapter, DeepSpeed init), then, after resetting the high-water mark
+  (/proc/self/clear_refs 5), the peak during the training steps; and the RSS at the end.
+Each rank writes DIR/rank{R}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RECIPE = "A_rand_hB_zero"
+
+# SFTConfig values given to both variants (asymllm as flags, the peer as SFTConfig kwargs).
+# Explicit even where they equal a default: TRL's own defaults differ from asymllm's
+# (TRL: gradient checkpointing on, bf16 on, lr 2e-5, ...).
+SFT_VALUES = dict(
+    gradient_accumulation_steps=1, learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=5,
+    logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", bf16=False, fp16=False,
+    gradient_checkpointing=False, seed=42, max_length=512, dataloader_num_workers=0, packing=False,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", choices=["asymllm", "peer"], required=True)
+    p.add_argument("--model", required=True, help="local transformers folder")
+    p.add_argument("--dataset", required=True, help="training data file (asymllm.data layouts)")
+    p.add_argument("--batch", type=int, default=8, help="per-device train batch size")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: leave torch's choice)")
+    p.add_argument("--deepspeed", default=None)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def rss_status() -> dict:
+    """VmHWM (peak) and VmRSS (now) of this process, in KiB."""
+    values = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, value = line.split(":")
+                values[key] = int(value.split()[0])
+    return values
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Measured:
+    """Trainer mixin: counts loss-bearing tokens of the timed steps, holds the measurement."""
+
+    bench_warmup = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bench = {"loss_tokens_timed": 0, "loss_tokens_all": 0, "step_seconds": []}
+        self.add_callback(Timer(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is not None:
+            n = int((labels[..., 1:] != -100).sum())
+            self.bench["loss_tokens_all"] += n
+            if self.state.global_step >= self.bench_warmup:  # the step being run is global_step + 1
+                self.bench["loss_tokens_timed"] += n
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+from transformers import TrainerCallback  # noqa: E402
+
+
+class Timer(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.t0 = self.t1 = self.step_start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        bench = self.trainer.bench
+        bench["before_train"] = rss_status()
+        bench["peak_reset"] = reset_peak_rss()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        bench = self.trainer.bench
+        bench["step_seconds"].append(round(now - self.step_start, 4))
+        if state.global_step == self.trainer.bench_warmup:
+            self.t0 = now
+        self.t1 = now
+
+    def on_train_end(self, args, state, control, **kwargs):
+        from asymllm.zero import count_parameters
+
+        bench = self.trainer.bench
+        bench["during_train"] = rss_status()
+        bench["timed_seconds"] = self.t1 - self.t0 if self.t0 is not None else None
+        bench["global_step"] = state.global_step
+        bench["trainable_params"], bench["total_params"] = count_parameters(self.trainer.model)
+        RESULT.update(bench)
+
+
+RESULT: dict = {}
+
+
+def sft_flags(values: dict) -> list[str]:
+    flags = []
+    for key, value in values.items():
+        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def run_asymllm(args, values: dict) -> None:
+    import asymllm.train as train_module
+
+    class MeasuredLorasym(Measured, train_module.LorasymSFTTrainer):
+        bench_warmup = args.warmup
+
+    train_module.LorasymSFTTrainer = MeasuredLorasym
+    argv = ["--recipe", RECIPE, "--lora_r", str(args.rank), "--lora_alpha", str(args.alpha), "--lora_dropout", "0",
+            "--target_modules", *TARGETS, "--model", args.model, "--dataset", args.dataset,
+            "--attn_implementation", "sdpa", "--output_dir", os.path.join(args.out, "run")] + sft_flags(values)
+    if args.deepspeed:
+        argv += ["--deepspeed", args.deepspeed]
+    train_module.main(argv)
+
+
+def run_peer(args, values: dict) -> None:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from asymllm import data as data_lib
+    from asymllm.distributed import bootstrap_cpu_distributed, finish_distributed
+
+    class MeasuredSFT(Measured, SFTTrainer):
+        bench_warmup = args.warmup
+
+    # The machine workaround asymllm applies too: without CUDA, DeepSpeed needs a gloo
+    # state built before the SFTConfig exists.
+    bootstrapped, _ = bootstrap_cpu_distributed(bool(args.deepspeed))
+    extra = {"accelerator_config": {"use_configured_state": True}} if bootstrapped else {}
+    try:
+        config = SFTConfig(output_dir=os.path.join(args.out, "run"), deepspeed=args.deepspeed, **values, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        data_lib.ensure_chat_template(tokenizer)
+        data_lib.ensure_pad_token(tokenizer)
+        examples, _ = data_lib.load_examples(args.dataset)
+        train_set, _ = data_lib.tokenize_examples(examples, tokenizer, config.max_length)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+        model.config.pad_token_id = tokenizer.pad_token_id
+        lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,
+                          task_type="CAUSAL_LM")
+        trainer = MeasuredSFT(model=model, args=config, train_dataset=train_set, processing_class=tokenizer,
+                              peft_config=lora)
+        trainer.train()
+        trainer.save_model(os.path.join(args.out, "run", "adapter"))  # asymllm saves its adapter too
+    finally:
+        finish_distributed()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    values = dict(SFT_VALUES, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps)
+    start = time.perf_counter()
+    (run_asymllm if args.variant == "asymllm" else run_peer)(args, values)
+    rank = int(os.environ.get("RANK", "0"))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    import torch
+
+    result = dict(RESULT, variant=args.variant, rank=rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                  wall_seconds=time.perf_counter() - start, at_exit=rss_status(), torch_threads=torch.get_num_threads(),
+                  cpu_seconds=usage.ru_utime + usage.ru_stime, warmup=args.warmup, steps=args.steps)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`asymllm train` in one process on a tiny local model: what a run leaves and what it refuses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from asymllm import LoRASYMConfig, get_lorasym_model, load_lorasym_model, lora_layers, verify_adapter_dir
+from asymllm.tiny import save_tiny_model
+from asymllm.train import main
+from transformers import AutoModelForCausalLM
+
+SEED = 1234
+COMMON = ["--max_steps", "6", "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "3",
+          "--seed", str(SEED), "--per_device_eval_batch_size", "64"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    result = main(["--model", tiny_model_dir, "--output_dir", str(output_dir), *COMMON])
+    return result, output_dir
+
+
+def test_frozen_A_unchanged_and_B_trained(run, tiny_model_dir):
+    result, output_dir = run
+    reference = get_lorasym_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                  LoRASYMConfig(recipe="A_rand_hB_zero", r=16, lora_alpha=32, seed=SEED))
+    saved = load_file(output_dir / "adapter" / "adapter_model.safetensors")
+    for name, layer in lora_layers(reference):
+        assert torch.equal(saved[f"{name}.lora_A.weight"], layer.lora_A["default"].weight), name
+        assert saved[f"{name}.lora_B.weight"].abs().sum() > 0, name
+
+
+def test_adapter_and_checkpoints_complete_and_reload_identical(run, tiny_model_dir):
+    _, output_dir = run
+    for folder in ("adapter", "checkpoint-3", "checkpoint-6"):
+        assert len(verify_adapter_dir(str(output_dir / folder))) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    model = load_lorasym_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(output_dir / "adapter"), is_trainable=True)
+    saved = load_file(output_dir / "adapter" / "adapter_model.safetensors")
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(param, saved[name.replace(".default.", ".")])
+            assert param.requires_grad == ("lora_B" in name)
+
+
+def test_run_record_metrics_and_loss_curve(run):
+    result, output_dir = run
+    record = json.loads((output_dir / "asymllm_run.json").read_text())
+    assert record["recipe"] == "A_rand_hB_zero" and record["seed"] == SEED
+    assert record["sft_config"]["max_steps"] == 6 and record["adapter"]["lora_r"] == 16
+    assert record["versions"]["torch"] and record["versions"]["trl"]
+    assert "git_commit" in record
+    assert (output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["eval_loss"] > 0  # built-in data brings its held-out part
+    assert result["last_logged_loss"] < result["first_logged_loss"]
+
+
+def test_logs_carry_throughput_and_true_trainable_count(run):
+    _, output_dir = run
+    state = json.loads((output_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert len(logged) == 3
+    expected = 16 * (64 + 32 + 32 + 64 + 128 + 128 + 64) * 2  # r * d_out over q,k,v,o,gate,up,down, 2 layers
+    assert all(h["trainable_params"] == expected for h in logged)
+    assert all(h["loss_tokens_per_s"] > 0 for h in logged)
+
+
+def test_yaml_config_with_flags_winning(tiny_model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nrecipe: lora\nlora_r: 4\nmax_steps: 2\nlogging_steps: 1\nsave_strategy: 'no'\n")
+    result = main(["--config", str(config), "--lora_r", "2", "--output_dir", str(tmp_path / "out")])
+    record = json.loads((tmp_path / "out" / "asymllm_run.json").read_text())
+    assert record["recipe"] == "hA_he_hB_zero" and record["adapter"]["lora_r"] == 2 and result["steps"] == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recipe", "A_rnd_hB_zero"], "unknown init 'rnd' for A; choices: V, rand, he, zero; did you mean 'rand'"),
+    (["--recipe", "A_rand_B_zero"], "nothing trains"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no such folder"),
+    (["--dataset", "/no/such/data.jsonl"], "/no/such/data.jsonl"),
+    (["--lora_rr", "3"], "did you mean: --lora_rr -> --lora_r"),
+    (["--config", "/no/such.yaml"], "--config /no/such.yaml: no such file"),
+    (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint /no/such/checkpoint: no such checkpoint folder"),
+    (["--packing", "true", "--packing_strategy", "wrapped"], "packing"),
+])
+def test_user_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, flags, message):
+    args = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1", *flags]
+    if "--model" in flags:
+        args = args[2:]
+    done = subprocess.run([sys.executable, "-m", "asymllm.cli", "train", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
