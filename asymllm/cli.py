@@ -17,6 +17,7 @@ COMMANDS = {
     "train": ("asymllm.train", "main", "supervised fine-tuning with a LoRASYM adapter (built-in default without flags)"),
     "eval": ("asymllm.evaluation.cli", "main", "evaluate: mmlu, alpaca (generation + judge), report"),
     "sweep": ("asymllm.sweep", "main", "train + evaluate every recipe x rank x seed; table and plot"),
+    "export": ("asymllm.export", "main", "merge an adapter into its base (plain transformers folder) or re-save it for serving"),
     "demo": ("asymllm.demo", "main", "adapter demo on the built-in model"),
 }
 

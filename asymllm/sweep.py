@@ -156,7 +156,7 @@ def collect(spec: RunSpec, train_dir: str, eval_dir: str, wall_s: float) -> dict
 
 def _exact_match(summary: dict):
     value = summary.get("exact_match")
-    return value.get("overall") if isinstance(value, dict) else value
+    return value.get("accuracy") if isinstance(value, dict) else value
 
 
 def _read_json(path: str):

@@ -96,7 +96,9 @@ class Measured:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.bench = {"loss_tokens_timed": 0, "loss_tokens_all": 0, "step_seconds": []}
+        self.bench = {"loss_tokens_timed": 0, "loss_tokens_all": 0, "step_seconds": [], "step_cpu_seconds": [],
+                      "step_loss_tokens": []}
+        self._step_tokens = 0
         self.add_callback(Timer(self))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -104,6 +106,7 @@ class Measured:
         if labels is not None:
             n = int((labels[..., 1:] != -100).sum())
             self.bench["loss_tokens_all"] += n
+            self._step_tokens += n
             if self.state.global_step >= self.bench_warmup:  # the step being run is global_step + 1
                 self.bench["loss_tokens_timed"] += n
         return super().training_step(model, inputs, num_items_in_batch)
@@ -115,23 +118,27 @@ from transformers import TrainerCallback  # noqa: E402
 class Timer(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
-        self.t0 = self.t1 = self.step_start = None
+        self.t0 = self.t1 = self.step_start = self.step_cpu_start = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         bench = self.trainer.bench
         bench["before_train"] = rss_status()
+        bench["loadavg_start_of_train"] = os.getloadavg()
         bench["peak_reset"] = reset_peak_rss()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.step_start = time.perf_counter()
+        self.trainer._step_tokens = 0
+        self.step_start, self.step_cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
         bench = self.trainer.bench
         bench["step_seconds"].append(round(now - self.step_start, 4))
+        bench["step_cpu_seconds"].append(round(time.process_time() - self.step_cpu_start, 4))
+        bench["step_loss_tokens"].append(self.trainer._step_tokens)
         if state.global_step == self.trainer.bench_warmup:
-            self.t0 = now
-        self.t1 = now
+            self.t0, self.cpu0 = now, time.process_time()
+        self.t1, self.cpu1 = now, time.process_time()
 
     def on_train_end(self, args, state, control, **kwargs):
         from asymllm.zero import count_parameters
@@ -139,6 +146,8 @@ class Timer(TrainerCallback):
         bench = self.trainer.bench
         bench["during_train"] = rss_status()
         bench["timed_seconds"] = self.t1 - self.t0 if self.t0 is not None else None
+        bench["timed_cpu_seconds"] = self.cpu1 - self.cpu0 if self.t0 is not None else None
+        bench["loadavg_end_of_train"] = os.getloadavg()
         bench["global_step"] = state.global_step
         bench["trainable_params"], bench["total_params"] = count_parameters(self.trainer.model)
         RESULT.update(bench)

@@ -12,7 +12,8 @@ asymllm restores it. That is checked with an A that rebuilding from the seed doe
 reproduce (tests/dist/sft_probe.py perturbs it before training): the resumed run must
 still end with the checkpoint's A and the uninterrupted run's adapter.
 
-About 90 s on 2 cores (the uninterrupted runs are shared with test_train_distributed.py).
+About 75 s on a quiet 2-core machine after tests/test_train_distributed.py (whose
+uninterrupted runs it reuses), about 100 s alone.
 """
 
 from __future__ import annotations

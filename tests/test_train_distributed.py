@@ -11,8 +11,8 @@ a global batch of 8, so that all of them must end with the same adapter:
 - 2 ranks x batch 4 (ZeRO-3) == 1 process x batch 8 (measured 4e-9), 2 nodes == 1 node
   with 2 ranks (measured 0), deepspeed launcher ZeRO-2 == 1 process.
 
-About 70 s on 2 cores (each launch 7-18 s; the 1-process and ZeRO-3 runs are shared with
-tests/test_resume.py).
+About 65 s on a quiet 2-core machine (a launch takes 7 s in one process, 17-18 s with 2
+ranks); the 1-process and ZeRO-3 runs are shared with tests/test_resume.py.
 """
 
 from __future__ import annotations

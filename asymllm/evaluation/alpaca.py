@@ -41,7 +41,7 @@ from .exact_match import exact_match
 from .generation import GenerationError, GenerationSettings, generate
 from .health import health_figures
 from .instructions import InstructionsError, load_instructions, read_model_outputs, write_model_outputs
-from .judge import DEFAULT_MAX_CHARS, JUDGE_TEMPLATE, JudgeError, judge_pairs, make_judge
+from .judge import DEFAULT_MAX_CHARS, JUDGE_TEMPLATE, JudgeError, check_judge_spec, judge_pairs, make_judge
 from .loading import EvalModelError, load_for_eval
 from .resume import ResumeError, ResumeLog
 from .winrate import length_controlled_win_rate, win_rate
@@ -55,8 +55,8 @@ LC_METHOD = ("asymllm logistic fit of the preference on tanh(standardised length
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="asymllm eval alpaca", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="asymllm eval alpaca", description="Alpaca-style generation, "
+                                     "health figures, exact match and a pairwise judge; resumable.")
     model = parser.add_argument_group("model under evaluation")
     model.add_argument("--model", help=f"base model path or name (default: the adapter's base, else {DEFAULT_MODEL})")
     model.add_argument("--adapter", help="a LoRASYM adapter folder (e.g. RUN/adapter)")
@@ -64,20 +64,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--generator_name", help="the run's name in the outputs (default: from --adapter or --model)")
     data = parser.add_argument_group("instructions")
     data.add_argument("--data", help="alpaca_eval JSON or alpaca JSON/JSONL (default: the built-in held-out set)")
-    data.add_argument("--split", default="eval", help="split, for JSON keyed by split and hub datasets")
+    data.add_argument("--split", default="eval", help="split, for JSON keyed by split and hub datasets (%(default)s)")
     data.add_argument("--limit", type=int, help="only the first N instructions")
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--batch_size", type=int, default=8)
-    gen.add_argument("--max_new_tokens", type=int, default=512)
+    gen.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (%(default)s)")
+    gen.add_argument("--max_new_tokens", type=int, default=512, help="(%(default)s)")
     gen.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7, help="with --do_sample")
-    gen.add_argument("--top_p", type=float, default=1.0, help="with --do_sample")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed, and the judge's order of each pair")
+    gen.add_argument("--temperature", type=float, default=0.7, help="with --do_sample (%(default)s)")
+    gen.add_argument("--top_p", type=float, default=1.0, help="with --do_sample (%(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed, and the judge's order of each pair (%(default)s)")
     judge = parser.add_argument_group("judge")
-    judge.add_argument("--judge", default="none", help="none | a local model path or name | http://host:port/v1")
+    judge.add_argument("--judge", default="none", help="none (default) | a local model path or name | http://host:port/v1")
     judge.add_argument("--judge_model", help="the served model's name, for an HTTP judge (default: the only one served)")
-    judge.add_argument("--judge_batch_size", type=int, default=8)
-    judge.add_argument("--judge_max_chars", type=int, default=DEFAULT_MAX_CHARS, help="cut longer outputs before judging")
+    judge.add_argument("--judge_batch_size", type=int, default=8, help="pairs per judge call (%(default)s)")
+    judge.add_argument("--judge_max_chars", type=int, default=DEFAULT_MAX_CHARS,
+                       help="outputs longer than this are cut before judging (%(default)s)")
     judge.add_argument("--reference_outputs", help="another run's model_outputs.json to judge against, "
                                                    "instead of the dataset's references")
     out = parser.add_argument_group("output")
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
+    if args.judge != "none":
+        check_judge_spec(args.judge)
     items = load_instructions(args.data, split=args.split, limit=args.limit)
     generator = args.generator_name or default_generator_name(args.model, args.adapter)
     out_dir = args.output_dir or os.path.join("outputs", "eval", generator)

@@ -186,6 +186,8 @@ class HTTPJudge:
                 f"judge {self.name}: the completion carries no logprobs (choices[].logprobs.top_logprobs is missing); "
                 f"the judge needs a server that returns them for /v1/completions (vLLM does; some APIs do not)"
             )
+        if isinstance(top, list):  # [{token, logprob}, ...], as chat-style logprobs come
+            top = {entry.get("token", ""): entry.get("logprob") for entry in top if isinstance(entry, dict)}
         found = {label: [] for label in LABELS}
         for token, logprob in top.items():
             label = token.strip().lower()
@@ -199,6 +201,13 @@ def _logsumexp(values: list[float]) -> float:
         return -math.inf
     top = max(values)
     return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def check_judge_spec(spec: str) -> None:
+    """Fail before generating, not after, on a judge that is clearly a missing local folder."""
+    if not spec.startswith(("http://", "https://")) and spec.startswith(("/", "./", "../", "~")) \
+            and not os.path.isdir(os.path.expanduser(spec)):
+        raise JudgeError(f"--judge {spec}: no such folder (a judge is none, a model path or name, or http://host:port/v1)")
 
 
 def make_judge(spec: str, model: str | None = None, dtype: str = "auto"):

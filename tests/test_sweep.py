@@ -1,0 +1,62 @@
+"""`asymllm sweep` on a tiny model: 2 recipes x 1 rank x 1 seed, stopped after the first run and resumed."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from asymllm.sweep import plan
+from asymllm.tiny import save_tiny_model
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_command(model_dir, output):
+    return [sys.executable, "-m", "asymllm.cli", "sweep", "--recipes", "lora,asym", "--ranks", "4", "--seeds", "3",
+            "--output", str(output), "--eval_flags", "--limit 6 --max_new_tokens 8 --batch_size 6 --no_progress",
+            "--", "--model", model_dir, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+            "--logging_steps", "2", "--per_device_eval_batch_size", "64"]
+
+
+def test_plan_canonicalises_and_crosses():
+    specs = plan("lora,asym", "8,16", "0,1")
+    assert len(specs) == 8 and specs[0].name == "hA_he_hB_zero-r8-s0" and specs[-1].name == "A_rand_hB_zero-r16-s1"
+
+
+def test_sweep_stopped_after_first_run_resumes_and_tabulates(tmp_path):
+    model_dir = save_tiny_model(str(tmp_path / "model"))
+    output = tmp_path / "sweep"
+    first = output / "runs" / "hA_he_hB_zero-r4-s3" / "result.json"
+    process = subprocess.Popen(sweep_command(model_dir, output), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    assert first.exists(), process.communicate()[0][-3000:] if process.poll() is not None else "first run did not finish"
+    os.killpg(process.pid, signal.SIGKILL)  # stop the sweep while the second run is under way
+    process.wait()
+    first_mtime = first.stat().st_mtime
+
+    done = subprocess.run(sweep_command(model_dir, output), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "hA_he_hB_zero-r4-s3: done already, skipped" in done.stderr
+    assert first.stat().st_mtime == first_mtime
+
+    rows = list(csv.DictReader(open(output / "sweep.csv")))
+    assert [r["recipe"] for r in rows] == ["hA_he_hB_zero", "A_rand_hB_zero"]
+    lora, asym = rows
+    # B-only trains r * d_out per module; LoRA r * (d_in + d_out): the asymmetric run has fewer.
+    assert int(asym["trainable_params"]) < int(lora["trainable_params"])
+    assert int(asym["trainable_params"]) == 4 * (64 + 32 + 32 + 64 + 128 + 128 + 64) * 2
+    for row in rows:
+        assert float(row["train_loss"]) > 0 and float(row["heldout_loss"]) > 0
+        assert 0.0 <= float(row["heldout_exact_match"]) <= 1.0
+    assert (output / "sweep.md").read_text().count("|") > 20
+    assert (output / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    result = json.loads((output / "runs" / "A_rand_hB_zero-r4-s3" / "result.json").read_text())
+    assert result["seed"] == 3 and result["rank"] == 4
