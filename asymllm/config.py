@@ -49,6 +49,7 @@ def machine_defaults() -> dict:
     """SFTConfig defaults that depend on the machine or suit adapters."""
     cuda = torch.cuda.is_available()
     return {
+        "output_dir": "outputs/{recipe}-r{lora_r}",  # filled in by train() once the recipe is known
         "bf16": cuda and torch.cuda.is_bf16_supported(),
         "gradient_checkpointing": cuda,  # memory on GPUs; on CPU it only costs time
         "learning_rate": 1e-3,

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(adapter_args, model_args, data_args, sft_config) -> dict:
     recipe = Recipe.parse(adapter_args.recipe)
-    sft_config.output_dir = sft_config.output_dir or os.path.join("outputs", f"{recipe.name}-r{adapter_args.lora_r}")
+    sft_config.output_dir = sft_config.output_dir.format(recipe=recipe.name, lora_r=adapter_args.lora_r, seed=sft_config.seed)
+    check_reporters(sft_config.report_to)
     model_path = check_model_path(resolve_model(model_args.model))
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
@@ -89,6 +90,19 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
         logger.info("stopped at step %d as asked (--stop_after_steps)", trainer.state.global_step)
         return {"stopped_at": trainer.state.global_step, "output_dir": sft_config.output_dir}
     return finish(trainer, sft_config, eval_set, result)
+
+
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",), "comet_ml": ("comet_ml",)}
+
+
+def check_reporters(report_to) -> None:
+    """`--report_to X` whose package is missing fails deep inside transformers; say it here."""
+    import importlib.util
+
+    for name in [report_to] if isinstance(report_to, str) else (report_to or []):
+        modules = REPORTERS.get(name)
+        if modules and not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"--report_to {name}: the {modules[0]!r} package is not installed (pip install {modules[0]})")
 
 
 def load_tokenizer(model_path: str):

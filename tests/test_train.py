@@ -101,3 +101,10 @@ def test_user_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, flags, messa
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_report_to_tensorboard_passes_through(tiny_model_dir, tmp_path):
+    main(["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--logging_steps", "1",
+          "--save_strategy", "no", "--report_to", "tensorboard"])
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
