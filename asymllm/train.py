@@ -216,8 +216,9 @@ def print_next_steps(output_dir: str, adapter_dir: str, metrics: dict) -> None:
         f"loss curve: {os.path.join(output_dir, 'loss_curve.png')}",
         f"run record: {os.path.join(output_dir, 'asymllm_run.json')}",
         "next:",
-        f"  python -c \"from peft import PeftModel; from transformers import AutoModelForCausalLM as M; "
-        f"PeftModel.from_pretrained(M.from_pretrained('<base>'), '{adapter_dir}')\"",
+        f"  asymllm eval alpaca --adapter {adapter_dir} --max_new_tokens 64    # held-out exact match, health figures",
+        f"  asymllm eval mmlu --adapter {adapter_dir} --limit 10    # 10 questions per subject; drop --limit for all",
+        f"  asymllm export --adapter {adapter_dir} --output {os.path.join(output_dir, 'merged')}",
     ]
     print("\n".join(line for line in lines if line is not None), flush=True)
 

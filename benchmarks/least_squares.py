@@ -1,8 +1,9 @@
 """Least squares with one LoRA factor frozen at random: tune only B or only A (LoRASYM, Zhu et al. 2024).
 
-The setting of the paper's least-squares analysis (Section 4.1.1, Theorem 4.3): a linear
-layer's update Delta = W_targ - W0 (d_out x d_in) is fit by a rank-r adapter B A, with
-one factor frozen at a Haar-random orthonormal matrix and the other solved exactly:
+The setting of the paper's least-squares analysis (Section 4.1.1, Theorem 4.3; reconstructed
+from a summary, see benchmarks/least_squares.md): a linear layer's update
+Delta = W_targ - W0 (d_out x d_in) is fit by a rank-r adapter B A, with one factor frozen
+at a Haar-random orthonormal matrix and the other solved exactly:
 
 - B-only: A (r x d_in, orthonormal rows) frozen, B = argmin ||Y - X A^T B^T||  (lstsq on X A^T)
 - A-only: B (d_out x r, orthonormal columns) frozen, A = argmin ||Y - X A^T B^T||  (lstsq on X)
@@ -27,10 +28,10 @@ where it has a closed form (derivations in benchmarks/least_squares.md):
   sample cost of fitting r features; rank-r inputs: 0; weak inputs (strong std -> inf):
   (1 - (r-k)/(d_in-k)) (1 + r/(n - r - 1)); power law: no closed form.
 
-Run from the repository root (about 10 s on one CPU thread):
+Run from the repository root (about 15 s on one CPU thread):
 
     . .venv/bin/activate
-    python benchmarks/least_squares.py [--rank 8 --dims 16 32 64 128 256 --draws 10
+    python benchmarks/least_squares.py [--rank 8 --dims 16 32 64 128 256 --draws 20
                                         --n-train 1024 --n-test 1024 --seed 0 --threads 1]
                                        [--plot benchmarks/least_squares.png]
 
@@ -157,6 +158,13 @@ def run_draw(setting: str, d_in: int, d_out: int, r: int, target_rank: int,
             relative_error(x_test, y_test, b_frozen, a_fit))
 
 
+def draw_seed(seed: int, d: int, draw: int) -> int:
+    """Distinct per (seed, d, draw); a draw uses seeds draw_seed .. draw_seed + 4."""
+    if not (0 <= draw < 10_000 and 0 < d < 10_000):
+        raise ValueError("draw and d must be below 10,000")
+    return seed * 10**9 + d * 10**5 + draw * 10
+
+
 @dataclass
 class Row:
     setting: str
@@ -178,7 +186,7 @@ def run_experiment(dims: list[int], r: int, draws: int, n_train: int, n_test: in
             if n_train < d:
                 raise ValueError(f"n_train={n_train} < d={d}: the A-only fit needs n >= d_in")
             errors = [run_draw(setting, d, d, r, target_rank, n_train, n_test,
-                               seed=seed * 1_000_003 + 1000 * d + 10 * draw)
+                               seed=draw_seed(seed, d, draw))
                       for draw in range(draws)]
             theory_b, theory_a = theory(setting, d, d, r, n_train)
             rows.append(Row(setting, d, r, [e[0] for e in errors], [e[1] for e in errors], theory_b, theory_a))
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--target-rank", type=int, default=None, help="rank of Delta (default: --rank)")
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 32, 64, 128, 256])
-    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--n-train", type=int, default=1024)
     parser.add_argument("--n-test", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)

@@ -446,3 +446,48 @@ def test_zero3_checkpoint_exports_from_its_file_and_from_its_shards_alone(zero3_
     merged = export(adapter=str(tmp_path / "served"), output=str(tmp_path / "from_served"), dtype="fp32")
     c = read_folder_tensors(tmp_path / "from_served")
     assert merged.verification.passed and all(torch.equal(a[k], c[k]) for k in a)
+
+
+# ---- rebuilding from DeepSpeed shards, without DeepSpeed (the slow test above runs the real thing)
+
+
+def fake_zero_checkpoint(tmp_path, adapter_dir, keep_config=True):
+    """checkpoint-N/ as plain transformers leaves it under ZeRO-3: shards of the trained B only."""
+    import asymllm.zero_checkpoint as zc
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    (checkpoint / "global_step2").mkdir(parents=True)
+    (checkpoint / "latest").write_text("global_step2")
+    torch.save({"ds_config": {"zero_optimization": {"stage": 3}}}, checkpoint / "global_step2" / "mp_rank_00_model_states.pt")
+    if keep_config:
+        shutil.copy(os.path.join(adapter_dir, "adapter_config.json"), checkpoint)
+        shutil.copy(os.path.join(adapter_dir, "lorasym.json"), checkpoint)
+    tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    trained = {k.replace(".lora_B.", ".lora_B.default."): v for k, v in tensors.items() if ".lora_B." in k}
+    return checkpoint, tensors, (zc, "_trainable_state", lambda checkpoint_dir, step_dir: trained)
+
+
+def test_frozen_rand_factors_rebuilt_from_recipe_and_seed(adapter_dir, tmp_path, monkeypatch):
+    checkpoint, tensors, patch = fake_zero_checkpoint(tmp_path, adapter_dir)
+    monkeypatch.setattr(*patch)
+    result = export(adapter=str(checkpoint), output=str(tmp_path / "served"), adapter_only=True)
+    assert "14 frozen factors rebuilt from recipe A_rand_hB_zero, seed 5" in result.source
+    rebuilt = load_file(tmp_path / "served" / "adapter_model.safetensors")
+    assert sorted(rebuilt) == sorted(tensors) and all(torch.equal(rebuilt[k], tensors[k]) for k in tensors)
+
+
+def test_frozen_svd_factor_is_not_rebuilt(base_dir, tmp_path, monkeypatch):
+    adapter = make_adapter(base_dir, tmp_path / "adapter", recipe="A_V_hB_zero")
+    checkpoint, _, patch = fake_zero_checkpoint(tmp_path, adapter)
+    monkeypatch.setattr(*patch)
+    with pytest.raises(SystemExit, match=r"frozen A of recipe A_V_hB_zero is an SVD of W0 .*use an adapter file"):
+        main(["--adapter", str(checkpoint), "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_shards_without_recipe_or_run_record_are_refused(adapter_dir, tmp_path, monkeypatch):
+    checkpoint, _, patch = fake_zero_checkpoint(tmp_path, adapter_dir)
+    (checkpoint / "lorasym.json").unlink()
+    monkeypatch.setattr(*patch)
+    with pytest.raises(SystemExit, match=r"recipe and seed that rebuild it are unknown"):
+        main(["--adapter", str(checkpoint), "--output", str(tmp_path / "out")])
