@@ -137,6 +137,7 @@ def summarise_run(ranks: list[dict], wall: float, load_before, warmup: int, step
     kib = 1024
     return {
         "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+        "warmup_step_seconds": [max(vals) for vals in zip(*(r["step_seconds"][:warmup] for r in ranks))],
         "step_seconds": step_seconds, "step_tokens": step_tokens, "steps_timed": len(step_seconds),
         "cpu_per_step": sum(r["timed_cpu_seconds"] for r in ranks) / steps,
         "peak_train_mib": max(r["during_train"]["VmHWM"] for r in ranks) / kib,
@@ -225,7 +226,8 @@ def run_lines(all_runs: list[tuple]) -> list[str]:
         lines.append(
             f"- {SETUPS[setup]['title']}, {variant} #{repeat + 1}: {r['tokens_per_s']:.2f} loss tokens/s "
             f"({r['tokens']} tokens in {r['seconds']:.1f} s), step times {min(r['step_seconds']):.2f}-"
-            f"{max(r['step_seconds']):.2f} s (median {statistics.median(r['step_seconds']):.2f}), "
+            f"{max(r['step_seconds']):.2f} s (median {statistics.median(r['step_seconds']):.2f}; warm-up steps "
+            f"{', '.join(f'{x:.1f}' for x in r['warmup_step_seconds'])} s), "
             f"CPU {r['cpu_per_step']:.2f} s/step, peak RSS training {r['peak_train_mib']:.0f} MiB "
             f"(sum over ranks {r['peak_train_sum_mib']:.0f}), loading {r['peak_load_mib']:.0f} MiB, "
             f"run {r['wall']:.0f} s, load average before {fmt(r['load_before'])}")

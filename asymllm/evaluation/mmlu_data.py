@@ -139,6 +139,8 @@ def load_mmlu(data: str | os.PathLike | None = None) -> MMLUData:
     else:
         path = os.fspath(data)
         if not os.path.exists(path):
+            if _looks_like_path(path):  # a typo, not a hub name: say so now, not after the hub's retries
+                raise MMLUDataError(f"--data {path}: no such file or folder")
             return _from_hub(path)
     rows = {split: [] for split in SPLITS}  # split -> [(subject, question, choices, answer)]
     if os.path.isfile(path):
@@ -176,16 +178,19 @@ def select_subjects(requested: str | list[str] | None, available) -> list[str]:
     if requested is None:
         return [s for s in SUBJECTS if s in available]
     names = requested.split(",") if isinstance(requested, str) else list(requested)
-    chosen = set()
+    chosen, named = set(), set()
     for name in (n.strip() for n in names if n.strip()):
-        if name in CATEGORIES:
-            chosen |= {s for s, c in SUBJECTS.items() if c == name}
+        if name in CATEGORIES:  # the category's subjects that the data has
+            members = {s for s, c in SUBJECTS.items() if c == name and s in available}
+            if not members:
+                raise MMLUDataError(f"--subjects {name}: the data has no test questions in that category")
+            chosen |= members
         else:
-            chosen.add(_subject(name, "--subjects"))
-    missing = sorted(chosen - available)
+            named.add(_subject(name, "--subjects"))
+    missing = sorted(named - available)
     if missing:
         raise MMLUDataError(f"--subjects: the data has no test questions for {', '.join(missing)}")
-    return [s for s in SUBJECTS if s in chosen]
+    return [s for s in SUBJECTS if s in chosen | named]
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,6 +321,12 @@ def _records(path: str) -> list[dict]:
     return records
 
 
+def _looks_like_path(name: str) -> bool:
+    """Hub names are 'name' or 'owner/name'; anything else is meant as a local path."""
+    return (name.startswith((os.sep, ".", "~")) or name.endswith((".csv",) + TABLE_SUFFIXES)
+            or name.count("/") > 1 or os.sep != "/" and os.sep in name)
+
+
 def _from_hub(name: str) -> MMLUData:
     try:
         import datasets
@@ -325,7 +336,7 @@ def _from_hub(name: str) -> MMLUData:
         except ValueError:  # no config named "all": a dataset with one configuration
             splits = datasets.load_dataset(name)
     except Exception as error:  # offline, unknown name, no permission: all end here
-        raise MMLUDataError(f"--data {name}: not a local file or folder, and loading it as a hub dataset failed "
+        raise MMLUDataError(f"--data {name}: no such local file or folder, and loading it as a hub dataset failed "
                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                             f"{LAYOUTS_HELP}") from None
     rows = {split: [] for split in SPLITS}
