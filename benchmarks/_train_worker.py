@@ -21,7 +21,8 @@ Measurement, identical for both (the `Measured` mixin + `Timer` callback):
   (batch fetching and the trainer's logging between steps included);
 - memory: the peak RSS (VmHWM) of the process up to the start of training (model load,
   adapter, DeepSpeed init), then, after resetting the high-water mark
-  (/proc/self/clear_refs 5), the peak during the training steps; and the RSS at the end.
+  (/proc/self/clear_refs 5), the peak during the training steps; and the RSS at the end;
+  per step, the RSS at step begin and when the model's forward returns, and the peak so far.
 Each rank writes DIR/rank{R}.json.
 """
 
@@ -122,12 +123,17 @@ class Timer(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         bench = self.trainer.bench
+        for key in ("step_rss_begin_mib", "step_rss_forward_end_mib", "step_peak_so_far_mib"):
+            bench[key] = []
+        # RSS when the model's forward returns (activations held, backward not begun)
+        self.trainer.model.register_forward_hook(lambda *_: self._record("step_rss_forward_end_mib", "VmRSS"))
         bench["before_train"] = rss_status()
         bench["loadavg_start_of_train"] = os.getloadavg()
         bench["peak_reset"] = reset_peak_rss()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._step_tokens = 0
+        self._record("step_rss_begin_mib", "VmRSS")
         self.step_start, self.step_cpu_start = time.perf_counter(), time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -136,9 +142,14 @@ class Timer(TrainerCallback):
         bench["step_seconds"].append(round(now - self.step_start, 4))
         bench["step_cpu_seconds"].append(round(time.process_time() - self.step_cpu_start, 4))
         bench["step_loss_tokens"].append(self.trainer._step_tokens)
+        self._record("step_peak_so_far_mib", "VmHWM")
         if state.global_step == self.trainer.bench_warmup:
             self.t0, self.cpu0 = now, time.process_time()
         self.t1, self.cpu1 = now, time.process_time()
+
+    def _record(self, key: str, field: str) -> None:
+        if self.trainer.model.training:  # not the evaluation forwards
+            self.trainer.bench[key].append(round(rss_status()[field] / 1024, 1))
 
     def on_train_end(self, args, state, control, **kwargs):
         from asymllm.zero import count_parameters
