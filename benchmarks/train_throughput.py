@@ -34,6 +34,13 @@ order flipping every repeat, so machine noise falls on both alike. Per run:
   train begin), max over ranks; peak RSS (whole run): the high-water RSS over the whole
   process (loading included), max over ranks.
 Medians over the repeats are reported. `--output FILE` also writes the report (markdown).
+
+RSS counts what glibc keeps after tensors are freed, so peaks vary by about +-100 MiB
+from run to run. For a figure closer to live tensor memory, run with
+MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 in the environment (large blocks then
+go back to the OS when freed; steps get slower, for both variants alike); the header
+records any MALLOC_* settings. Each run's per-step RSS trace (step begin, forward end,
+peak so far) is in WORKDIR/<setup>-<variant>-<repeat>/rank<R>.json.
 """
 
 from __future__ import annotations
@@ -174,6 +181,7 @@ def header(args, model: str, dataset: str, load: tuple, total_seconds: float) ->
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     fmt = lambda la: "/".join(f"{x:.2f}" for x in la)  # noqa: E731
+    malloc = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
     setups = "; ".join(f"{SETUPS[s]['title']}: batch {SETUPS[s]['batch']} per process x {SETUPS[s]['nproc']}, "
                        f"{SETUPS[s]['threads']} torch thread(s) per process"
                        + (f", {SETUPS[s]['deepspeed']}" if SETUPS[s]["deepspeed"] else "") for s in args.setups)
@@ -188,7 +196,7 @@ def header(args, model: str, dataset: str, load: tuple, total_seconds: float) ->
         f"- setups: {setups}",
         f"- per run: {args.warmup} untimed + {args.steps} timed steps; {args.repeats} run(s) per variant and setup, "
         f"alternating, order flipped each repeat; medians over the runs",
-    ]
+    ] + ([f"- allocator settings from the environment: {', '.join(malloc)}"] if malloc else [])
 
 
 def git_state() -> str:
