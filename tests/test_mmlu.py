@@ -227,7 +227,8 @@ BAD_DATA = {
     "unknown layout": (lambda p: os.path.dirname(_bad(p, "readme.txt", "no MMLU here")), "unknown layout"),
     "missing column": (lambda p: _bad(p, "test.jsonl", json.dumps({k: v for k, v in ROW.items() if k != "choices"})),
                        r"missing column\(s\) choices"),
-    "answer E": (lambda p: _bad(p, "test.jsonl", json.dumps(dict(ROW, answer="E"))), r"row 1: answer 'E' is not one of A, B, C, D"),
+    "answer E": (lambda p: _bad(p, "test.jsonl", json.dumps(dict(ROW, answer="E"))),
+                 r"row 1: answer 'E' is not one of A, B, C, D"),
     "answer 4": (lambda p: _bad(p, "test.jsonl", json.dumps(dict(ROW, answer=4))), "answer 4 is not one of"),
     "3 choices": (lambda p: _bad(p, "test.jsonl", json.dumps(dict(ROW, choices=["a", "b", "c"]))), "a list of 4"),
     "unknown subject": (lambda p: _bad(p, "test.jsonl", json.dumps(dict(ROW, subject="anatomyy"))), "did you mean 'anatomy'"),
@@ -410,7 +411,8 @@ def test_report_has_micro_macro_categories_and_subjects(tiny_dir, csv_dir, tmp_p
                                                                   + report["subjects"]["anatomy"]["acc"]) / 2),
                                             "n": 2 * N_TEST, "subjects": 2}
     records = predictions(tmp_path)
-    assert len(records) == report["n"] and report["micro"] == pytest.approx(sum(r["correct"] for r in records.values()) / report["n"])
+    assert len(records) == report["n"]
+    assert report["micro"] == pytest.approx(sum(r["correct"] for r in records.values()) / report["n"])
     assert report["macro"] == pytest.approx(sum(v["acc"] for v in report["subjects"].values()) / len(USED))
     assert report["scoring"] == {"cached": report["n"], "full": 0}
     with open(tmp_path / "mmlu.json") as f:

