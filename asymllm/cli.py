@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 
+from .dispatch import dispatch
 from .recipe import ALIASES, GRAMMAR, Recipe, describe
 
 COMMANDS = {
@@ -37,21 +37,7 @@ def recipes_main(argv=None) -> None:
 
 
 def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: asymllm <command> [options]\n\ncommands:")
-        for name, (_, _, help_text) in COMMANDS.items():
-            print(f"  {name:10s} {help_text}")
-        return
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        import difflib
-
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        sys.exit(f"asymllm: unknown command {command!r}{hint}; commands: {', '.join(COMMANDS)}")
-    module, function, _ = COMMANDS[command]
-    getattr(importlib.import_module(module), function)(rest)
+    dispatch("asymllm", "command", COMMANDS, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import subprocess
@@ -33,8 +34,10 @@ def git_commit() -> str | None:
         return None
 
 
-def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path) -> str | None:
-    """asymllm_run.json: everything needed to know what ran (rank 0 writes)."""
+def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
+                     resumed_from: str | None = None) -> str | None:
+    """asymllm_run.json: everything needed to know what ran (rank 0 writes). A resumed run
+    keeps the earlier invocations' commands, commits and versions under earlier_invocations."""
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     record = {
@@ -50,12 +53,30 @@ def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config
         "versions": package_versions(),
         "git_commit": git_commit(),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "asymllm_run.json")
+    if resumed_from:  # keep how the first part was started, not only the resume
+        record["resumed_from"] = resumed_from
+        record["earlier_invocations"] = _earlier_invocations(path)
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
     return path
+
+
+def _earlier_invocations(path: str) -> list[dict]:
+    """The invocations recorded in an existing asymllm_run.json, oldest first (empty if none or unreadable)."""
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return []
+    summary = {key: previous.get(key) for key in INVOCATION_KEYS}
+    return [*previous.get("earlier_invocations", []), summary]
+
+
+INVOCATION_KEYS = ("started", "command", "git_commit", "world_size", "versions")
 
 
 def plot_loss_curve(log_history: list[dict], path: str) -> str | None:

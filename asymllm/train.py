@@ -42,7 +42,6 @@ class ModelLoadError(RuntimeError):
     """--model names nothing that can be loaded."""
 
 
-
 # Mistakes a user can make in flags, files or data: one clear line, no traceback.
 USER_ERRORS = (RecipeError, DataError, TargetError, InitError, AdapterFileError, PackingError, ModelLoadError, ConfigError)
 
@@ -84,7 +83,8 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
         trainer.add_callback(RestoreFrozenFactors(model, resume))
     if data_args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
-    write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path)
+    write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
+                     resumed_from=resume)
     result = trainer.train(resume_from_checkpoint=resume)
     if data_args.stop_after_steps and trainer.state.global_step < trainer.state.max_steps:
         logger.info("stopped at step %d as asked (--stop_after_steps)", trainer.state.global_step)

@@ -33,7 +33,6 @@ class LorasymSFTTrainer(SFTTrainer):
         self._last_log = None  # (time, tokens) at the previous log; set at the first step
 
 
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if self._last_log is None:

@@ -122,6 +122,10 @@ def test_single_process_resume_equals_uninterrupted(single, uninterrupted_single
     assert f"resume auto: continuing from {out / 'checkpoint-4'}" in log
     assert _restored(log) == (runs.N_TENSORS // 2, str(out / "checkpoint-4"), 0.0)
     assert f"done: {runs.MAX_STEPS} steps" in log
+    record = runs.run_record(out)  # the resume keeps the first part's invocation
+    assert record["resumed_from"] == str(out / "checkpoint-4")
+    (first,) = record["earlier_invocations"]
+    assert "--stop_after_steps" in first["command"] and "--stop_after_steps" not in record["command"]
     _assert_same_adapter(out / "adapter", uninterrupted_single.output_dir / "adapter", "1 process")
     _assert_same_adapter(out / "checkpoint-8", uninterrupted_single.output_dir / "checkpoint-8", "1 process, checkpoint-8")
 

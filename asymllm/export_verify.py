@@ -1,0 +1,150 @@
+"""Checks of an export before it is published: merged logits against base + adapter through
+peft (both in the output dtype, one model in memory at a time), and a re-saved adapter
+loaded by peft with every tensor present."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from .checkpoint import ADAPTER_WEIGHTS
+from .export_files import write_adapter_folder
+from .export_source import AdapterSource
+from .export_types import DTYPE_NAMES, ExportError, read_json
+from .safetensors_io import BaseCheckpoint
+
+logger = logging.getLogger("asymllm.export")
+
+
+FP32_TOLERANCE = 1e-4
+TIE_EPS = 4  # bf16/fp16 argmax check: reference top-two within 4 eps(dtype) x |top logit| is a tie
+
+
+PROMPTS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
+           "Explain in one sentence why the sky is blue.")
+
+
+@dataclass
+class Verification:
+    dtype: str
+    prompts: int
+    positions: int
+    max_abs_diff: float
+    argmax_mismatches: int
+    rule: str
+    passed: bool
+
+    def line(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (f"{verdict}: merged vs base + adapter (peft), {self.dtype}, {self.prompts} prompts, {self.positions} "
+                f"positions: max abs logit diff {self.max_abs_diff:.3g}, argmax differs at {self.argmax_mismatches} "
+                f"(near-ties not counted); rule: {self.rule}")
+
+
+def verify_merged(merged_dir: str, base_dir: str, source: AdapterSource, dtype: torch.dtype) -> Verification:
+    """Logits of the merged folder vs base + adapter through peft, both in `dtype`, on a few chat
+    prompts; one model in memory at a time. fp32: max abs diff <= 1e-4. bf16/fp16 (whose rounding
+    makes logits differ by more than any fixed bound): the same argmax at every position, near-ties
+    excepted (see _argmax_mismatches)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import load_lorasym_model
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir) if os.path.isfile(
+        os.path.join(merged_dir, "tokenizer_config.json")) else None
+    batches = _prompt_ids(tokenizer, int(read_json(os.path.join(merged_dir, "config.json"))["vocab_size"]))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype).eval()
+    merged_logits = _logits(merged, batches)
+    del merged
+    with contextlib.ExitStack() as stack:
+        adapter_dir = source.directory
+        if source.rebuilt_from_shards:  # peft reads folders: write the rebuilt adapter to a scratch one
+            adapter_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="asymllm-export-adapter-"))
+            write_adapter_folder(adapter_dir, source.tensors, source.config, source.recipe, source.seed)
+        reference = load_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), adapter_dir).eval()
+        reference_logits = _logits(reference, batches)
+        del reference
+    diff = max((m.float() - r.float()).abs().max().item() for m, r in zip(merged_logits, reference_logits))
+    positions = sum(m.shape[0] for m in merged_logits)
+    mismatches, ties = _argmax_mismatches(merged_logits, reference_logits, dtype)
+    if dtype == torch.float32:
+        rule, passed = f"max abs diff <= {FP32_TOLERANCE:g}", diff <= FP32_TOLERANCE
+    else:
+        rule = (f"same argmax at every position but near-ties ({ties} positions where the reference's own top two "
+                f"logits are within {TIE_EPS} x eps({DTYPE_NAMES[dtype]}) x |top logit|)")
+        passed = mismatches == 0
+    result = Verification(DTYPE_NAMES[dtype], len(batches), positions, diff, mismatches, rule, passed)
+    logger.info("verification %s", result.line())
+    return result
+
+
+def _argmax_mismatches(merged: list[torch.Tensor], reference: list[torch.Tensor], dtype: torch.dtype) -> tuple[int, int]:
+    """(positions whose argmax differs, not counting near-ties; near-ties excused). A near-tie:
+    the reference's logits for its own choice and the merged model's are within TIE_EPS x eps x
+    |top logit|, i.e. within rounding of each other, as in SmolLM2-135M in bf16, where logits near
+    38 are spaced 0.25 apart and exact ties occur."""
+    counted = excused = 0
+    for m, r in zip(merged, reference):
+        r = r.float()
+        m_top, r_top = m.argmax(-1), r.argmax(-1)
+        for i in torch.nonzero(m_top != r_top).flatten().tolist():
+            margin = (r[i, r_top[i]] - r[i, m_top[i]]).item()
+            tie = TIE_EPS * torch.finfo(dtype).eps * r[i, r_top[i]].abs().item() if dtype != torch.float32 else 0.0
+            if margin <= tie:
+                excused += 1
+            else:
+                counted += 1
+    return counted, excused
+
+
+def _prompt_ids(tokenizer, vocab_size: int) -> list[torch.Tensor]:
+    if tokenizer is None:  # no tokenizer: fixed pseudo-random ids
+        generator = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab_size, (1, 24), generator=generator) for _ in PROMPTS]
+    ids = []
+    for prompt in PROMPTS:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        else:
+            text = prompt
+        ids.append(tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"])
+    return ids
+
+
+@torch.no_grad()
+def _logits(model, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=ids).logits[0] for ids in batches]
+
+
+def verify_adapter_export(out_dir: str, source: AdapterSource, base: BaseCheckpoint | None,
+                          dtype: torch.dtype | None) -> str:
+    """The written adapter holds exactly the intended tensors; with the base at hand, peft loads it
+    onto the base with every tensor present (asymllm.load_lorasym_model refuses missing keys)."""
+    written = load_file(os.path.join(out_dir, ADAPTER_WEIGHTS))
+    for key, value in source.tensors.items():
+        expected = value.to(dtype) if dtype is not None and value.is_floating_point() else value
+        if key not in written or not torch.equal(written[key], expected):
+            raise ExportError(f"{out_dir}: {key} was not written as intended")
+    line = f"passed: all {len(written)} tensors re-read bit-exact"
+    if base is None:
+        return line + " (base model not available: not loaded in peft)"
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import load_lorasym_model
+
+    model_dtype = dtype or next(iter(source.tensors.values())).dtype
+    model = load_lorasym_model(AutoModelForCausalLM.from_pretrained(base.directory, dtype=model_dtype), out_dir).eval()
+    ids = _prompt_ids(None, int(base.config.get("vocab_size", 2)))[0]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    change = (adapted.float() - plain.float()).abs().max().item()
+    return line + f"; peft loads it on the base with every tensor present; it moves the logits by up to {change:.3g}"
