@@ -128,3 +128,16 @@ def save_tiny_model(directory: str | os.PathLike, arch: str = "llama", seed: int
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def randomize_lora_B(model, std: float, seed: int) -> None:
+    """Set every adapter's B to N(0, std^2) noise, as if trained: with B = 0 (its init) an
+    adapter changes nothing, so tests and benchmarks of merge, export and evaluation would
+    pass whether or not the adapter is applied."""
+    from .adapter import lora_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            weight = layer.lora_B["default"].weight
+            weight.copy_(torch.randn(weight.shape, generator=generator) * std)

@@ -38,7 +38,8 @@ class LorasymSFTTrainer(SFTTrainer):
         if self._last_log is None:
             self._last_log = (time.perf_counter(), 0.0)
         if labels is not None and model.training:
-            self._loss_tokens += int((labels[..., 1:] != -100).sum())  # shifted: what the loss really counts
+            # shifted: what the loss really counts; kept on the device (int() would sync every step)
+            self._loss_tokens = self._loss_tokens + (labels[..., 1:] != -100).sum()
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -48,9 +49,8 @@ class LorasymSFTTrainer(SFTTrainer):
         super().log(logs, *args, **kwargs)
 
     def _loss_tokens_per_second(self) -> float:
-        tokens = torch.tensor(float(self._loss_tokens))
+        tokens = torch.as_tensor(self._loss_tokens, dtype=torch.float64).to(self.args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            tokens = tokens.to(self.args.device)
             torch.distributed.all_reduce(tokens)
         now, before = time.perf_counter(), self._last_log
         total = float(tokens)

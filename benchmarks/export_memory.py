@@ -77,17 +77,14 @@ def folder_bytes(directory: str, suffix: str = ".safetensors") -> list[int]:
 def smollm2_case(work: str) -> tuple[str, str]:
     from transformers import AutoModelForCausalLM
 
-    from asymllm import LoRASYMConfig, get_lorasym_model, lora_layers, save_adapter
+    from asymllm import LoRASYMConfig, get_lorasym_model, save_adapter
+    from asymllm.tiny import randomize_lora_B
     from asymllm.builtin import builtin_model_dir
 
     base = builtin_model_dir()
     model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(base),
                               LoRASYMConfig(recipe="A_rand_hB_zero", r=16, lora_alpha=32, seed=7))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            weight = layer.lora_B["default"].weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.01)
+    randomize_lora_B(model, std=0.01, seed=0)
     adapter = os.path.join(work, "smollm2_adapter")
     save_adapter(model, adapter)
     return base, adapter

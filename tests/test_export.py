@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from asymllm import LoRASYMConfig, get_lorasym_model, load_lorasym_model, lora_layers, save_adapter
+from asymllm import LoRASYMConfig, get_lorasym_model, load_lorasym_model, save_adapter
 from asymllm.export import ExportError, export, main, parse_size
-from asymllm.tiny import save_tiny_model
+from asymllm.tiny import randomize_lora_B, save_tiny_model
 
 R, ALPHA, SEED = 4, 8, 5
 TEXT = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
@@ -33,11 +33,7 @@ def make_adapter(base_dir, out_dir, recipe="A_rand_hB_zero", use_rslora=False, b
     """A LoRASYM adapter on `base_dir` with a random B (as if trained), saved by asymllm."""
     model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir),
                               LoRASYMConfig(recipe=recipe, r=R, lora_alpha=ALPHA, seed=SEED, use_rslora=use_rslora))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            weight = layer.lora_B["default"].weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) * b_std)
+    randomize_lora_B(model, std=b_std, seed=1)
     save_adapter(model, str(out_dir))
     return str(out_dir)
 

@@ -432,15 +432,12 @@ def test_summarize_micro_and_macro_differ():
 def test_adapter_unmerged_differs_from_base_and_equals_its_merge(tiny_dir, csv_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from asymllm import LoRASYMConfig, get_lorasym_model, lora_layers, merge_lorasym, save_adapter
+    from asymllm import LoRASYMConfig, get_lorasym_model, merge_lorasym, save_adapter
+    from asymllm.tiny import randomize_lora_B
 
     peft_model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
                                    LoRASYMConfig(recipe="A_rand_hB_zero", r=4, lora_alpha=8, seed=1))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, layer in lora_layers(peft_model):
-            weight = layer.lora_B["default"].weight
-            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)  # B != 0: the adapter does something
+    randomize_lora_B(peft_model, std=0.5, seed=0)  # B != 0: the adapter does something
     save_adapter(peft_model, str(tmp_path / "adapter"))
     merged_dir = str(tmp_path / "merged")
     merge_lorasym(peft_model).save_pretrained(merged_dir)
