@@ -1,15 +1,36 @@
-"""asymllm: instruction tuning with asymmetric low-rank adapters (LoRASYM)."""
+"""asymllm: instruction tuning with asymmetric low-rank adapters (LoRASYM).
+
+The public API is imported lazily (PEP 562): `asymllm recipes` and `asymllm --help` import
+this package, and must not pay for torch + peft (seconds) to print a table.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .recipe import ALIASES, Recipe, RecipeError  # noqa: E402
-from .adapter import LoRASYMConfig, apply_recipe, get_lorasym_model, lora_layers  # noqa: E402
-from .checkpoint import AdapterFileError, load_lorasym_model, save_adapter, verify_adapter_dir  # noqa: E402
-from .merge import merge_lorasym  # noqa: E402
-from .zero import count_parameters  # noqa: E402
+# public name -> the module that defines it
+_PUBLIC = {
+    "ALIASES": "recipe", "Recipe": "recipe", "RecipeError": "recipe",
+    "LoRASYMConfig": "adapter", "apply_recipe": "adapter", "get_lorasym_model": "adapter", "lora_layers": "adapter",
+    "AdapterFileError": "checkpoint", "load_lorasym_model": "checkpoint", "save_adapter": "checkpoint",
+    "verify_adapter_dir": "checkpoint",
+    "merge_lorasym": "merge",
+    "count_parameters": "zero",
+}
 
-__all__ = [
-    "ALIASES", "Recipe", "RecipeError", "LoRASYMConfig", "get_lorasym_model", "apply_recipe", "lora_layers",
-    "save_adapter", "load_lorasym_model", "verify_adapter_dir", "AdapterFileError", "merge_lorasym",
-    "count_parameters",
-]
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'asymllm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -22,9 +22,15 @@ from .init import init_factor, module_seed
 from .recipe import Recipe, RecipeError
 from .recipe_file import record_recipe_on_save
 from .targets import resolve_targets
-from .zero import broadcast_from_rank0, gathered, is_partitioned, rank_and_world, true_shape
+from .zero import broadcast_from_rank0, gathered, is_partitioned, true_shape
 
 logger = logging.getLogger(__name__)
+
+# The adapter defaults, stated once: LoRASYMConfig (the Python API) and `asymllm train`'s flags
+# (config.AdapterArguments) use these, and the README documents them.
+DEFAULT_LORA_R = 16
+DEFAULT_LORA_ALPHA = 32.0
+DEFAULT_LORA_DROPOUT = 0.0
 
 
 @dataclass
@@ -33,9 +39,9 @@ class LoRASYMConfig:
 
     recipe: str | Recipe | None = None
     update_rule: dict | None = None
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
+    r: int = DEFAULT_LORA_R
+    lora_alpha: float = DEFAULT_LORA_ALPHA
+    lora_dropout: float = DEFAULT_LORA_DROPOUT
     bias: str = "none"
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
@@ -142,11 +148,3 @@ def _full_weight(base_weight: torch.nn.Parameter) -> torch.Tensor:
     if weight.shape != torch.Size(true_shape(base_weight)):
         raise RuntimeError(f"gathered weight has shape {tuple(weight.shape)}, expected {true_shape(base_weight)}")
     return weight
-
-
-def recipe_of(model: torch.nn.Module) -> Recipe | None:
-    return getattr(model, "lorasym_recipe", None)
-
-
-def is_main_process() -> bool:
-    return rank_and_world()[0] == 0

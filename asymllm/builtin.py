@@ -94,7 +94,7 @@ def resolve_model(name_or_path: str | None = None) -> str:
     if name != DEFAULT_MODEL:
         # A hub name: transformers resolves it and gives its own error when offline.
         return name
-    snapshot = _hub_cache_snapshot(name)
+    snapshot = hub_cache_snapshot(name)
     if snapshot is not None:
         logger.info("model: %s from the local Hugging Face cache (%s)", name, snapshot)
         return snapshot
@@ -103,7 +103,7 @@ def resolve_model(name_or_path: str | None = None) -> str:
     return path
 
 
-def _hub_cache_snapshot(name: str) -> str | None:
+def hub_cache_snapshot(name: str) -> str | None:
     """The cached snapshot of `name`, only if it holds a config and weights.
 
     A snapshot can exist with only config.json (e.g. after AutoConfig alone), which would

@@ -2,7 +2,7 @@
 
     from asymllm.chat import Example, ensure_chat_template, ensure_pad_token, tokenize_examples
     ensure_pad_token(tokenizer); ensure_chat_template(tokenizer)
-    dataset, report = tokenize_examples(examples, tokenizer, max_length=512)
+    dataset, report = tokenize_examples(examples, tokenizer, max_length=512)  # truncation_mode="keep_end" too
     # dataset columns: input_ids, labels (-100 where no loss); report.summary() for the log
 
 Which tokens carry loss (`labels != -100`): for every assistant turn, its content and the
@@ -42,9 +42,11 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 # Tokens that exist in common vocabularies for padding (or are never part of chat data),
-# in order of preference. Any of them avoids adding a token and resizing embeddings.
+# in order of preference; when none is distinct from EOS, EOS itself pads (see ensure_pad_token).
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
-NEW_PAD_TOKEN = "<|pad|>"
+
+# TRL's SFTConfig.truncation_mode values: keep the first max_length tokens, or the last.
+TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
 class DataError(ValueError):
@@ -76,6 +78,7 @@ class TokenizeReport:
 
     n_examples: int = 0  # kept
     n_truncated: int = 0  # kept, but cut at max_length
+    truncation_mode: str = "keep_start"
     n_offset_fallback: int = 0  # spans found by character offsets (template tokenises differently in context)
     n_tokens: int = 0
     n_loss_tokens: int = 0
@@ -96,7 +99,8 @@ class TokenizeReport:
         line = (
             f"tokenized {self.n_examples} examples: {self.n_tokens} tokens (mean {self.mean_tokens:.1f}, "
             f"max {self.max_tokens}), {self.n_loss_tokens} with loss ({loss_share:.1%}); "
-            f"{self.n_truncated} truncated at max_length={self.max_length}; {self.n_skipped} skipped"
+            f"{self.n_truncated} truncated at max_length={self.max_length}"
+            f"{' (keep_end)' if self.truncation_mode == 'keep_end' else ''}; {self.n_skipped} skipped"
         )
         line += "".join(f"; {reason}: {_sample(sources)}" for reason, sources in self.skipped.items())
         if self.n_offset_fallback:
@@ -113,11 +117,19 @@ def _sample(sources: list[str], shown: int = 3) -> str:
 
 
 def ensure_pad_token(tokenizer) -> str:
-    """Give the tokenizer a pad token that is not EOS; returns what it did, for the log.
+    """Give the tokenizer a pad token from its own vocabulary; returns what it did, for the log.
 
-    With pad == EOS, collators that mask padding by token id also mask every EOS, and the
-    tuned model never learns to stop (trap 8). An existing token is preferred, so the
-    embeddings keep their size; only when none fits is a new token added.
+    Never adds a token: a new id would lie past the model's embeddings (IndexError at the
+    first padded batch) unless they were resized, which also changes what gets saved.
+
+    A token distinct from EOS is preferred (collators that mask padding *by id* would mask
+    every EOS too, and the tuned model would never learn to stop: trap 8). When the
+    vocabulary has none (GPT-2 style: bos = eos = unk), EOS pads, and that is safe here:
+    our dataset carries its own `labels` column, and TRL's DataCollatorForLanguageModeling
+    (what SFTTrainer uses for it) takes those labels as they are and pads them with -100 *by
+    position*, padding only input_ids with the pad id; padding_free masks by position too
+    (position_ids == 0). It never rebuilds labels from input_ids, so no EOS loses its loss
+    (checked in tests/test_chat.py on the batches the trainer collates).
     """
     eos_id = tokenizer.eos_token_id
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != eos_id:
@@ -130,10 +142,13 @@ def ensure_pad_token(tokenizer) -> str:
             tokenizer.pad_token = token
             eos = tokenizer.eos_token
             return f"pad token: set to the existing {token!r} (id {vocab[token]}), distinct from EOS {eos!r}"
-    tokenizer.add_special_tokens({"pad_token": NEW_PAD_TOKEN})
+    fallback = next((t for t in (tokenizer.eos_token, tokenizer.unk_token) if t is not None and t in vocab), None)
+    if fallback is None:
+        raise DataError("the tokenizer has no pad, EOS or UNK token to pad with; set tokenizer.pad_token to a token of its vocabulary")
+    tokenizer.pad_token = fallback
     return (
-        f"pad token: no unused token in the vocabulary, added {NEW_PAD_TOKEN!r} (id {tokenizer.pad_token_id}); "
-        f"the model's embeddings must be resized: model.resize_token_embeddings(len(tokenizer))"
+        f"pad token: no token distinct from EOS in the vocabulary; padding with the existing {fallback!r} "
+        f"(id {tokenizer.pad_token_id}), which keeps EOS in the loss: labels mask padding by position (-100), not by id"
     )
 
 
@@ -152,28 +167,33 @@ def ensure_chat_template(tokenizer) -> str:
     )
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None):
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None, truncation_mode: str = "keep_start"):
     """Token ids and labels of each example; returns (datasets.Dataset, TokenizeReport).
 
-    Truncation keeps the start. An example whose loss-bearing tokens all lie beyond
-    max_length is skipped and counted in the report (it would train nothing).
+    Sequences longer than max_length keep their first max_length tokens ("keep_start") or
+    their last ("keep_end", TRL's `slice(-max_length, None)`: the start of the prompt goes,
+    the final response and its EOS stay); labels are cut with their tokens, so the mask stays
+    aligned. An example left with no loss-bearing token is skipped and counted in the report
+    (it would train nothing).
     """
     import datasets
 
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be a positive number of tokens, got {max_length}")
+    if truncation_mode not in TRUNCATION_MODES:
+        raise DataError(f"--truncation_mode {truncation_mode}: must be one of {', '.join(TRUNCATION_MODES)}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token, so no response could teach the model to stop")
-    report = TokenizeReport(max_length=max_length)
+    report = TokenizeReport(max_length=max_length, truncation_mode=truncation_mode)
     columns = {"input_ids": [], "labels": []}
     for example in examples:
         ids, labels, used_offsets = encode_example(example, tokenizer)
         report.n_offset_fallback += used_offsets
         if max_length is not None and len(ids) > max_length:
-            ids, labels = ids[:max_length], labels[:max_length]
+            kept = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            ids, labels = ids[kept], labels[kept]
             if all(label == IGNORE_INDEX for label in labels):
-                reason = f"every response token beyond max_length={max_length}"
-                report.skipped.setdefault(reason, []).append(example.source)
+                report.skipped.setdefault(_cut_reason(max_length, truncation_mode), []).append(example.source)
                 continue
             report.n_truncated += 1
         columns["input_ids"].append(ids)
@@ -187,6 +207,12 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
     if report.n_skipped or report.n_truncated or report.n_offset_fallback:  # the caller logs the summary too
         logger.warning(report.summary())
     return datasets.Dataset.from_dict(columns), report
+
+
+def _cut_reason(max_length: int, truncation_mode: str) -> str:
+    if truncation_mode == "keep_start":
+        return f"every response token beyond max_length={max_length}"
+    return f"every response token before the last max_length={max_length} tokens (--truncation_mode keep_end)"
 
 
 def encode_example(example: Example, tokenizer) -> tuple[list[int], list[int], bool]:

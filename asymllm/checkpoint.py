@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 
 import torch
@@ -32,6 +33,14 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """Every parameter that belongs in the adapter file: LoRA factors, trained or frozen,
     and modules_to_save copies."""
     return {n: p for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n}
+
+
+def peft_file_key(param_name: str) -> str:
+    """peft's file key for a parameter: the adapter name dropped.
+    '...q_proj.lora_B.default.weight' -> '...q_proj.lora_B.weight';
+    '...lm_head.modules_to_save.default.weight' -> '...lm_head.weight'."""
+    key = re.sub(r"\.(lora_[AB])\.[^.]+\.(weight|bias)$", r".\1.\2", param_name)
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 
 
 def save_adapter(model: PeftModel, output_dir: str, **save_kwargs) -> str:

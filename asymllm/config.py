@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
+
 
 class ConfigError(ValueError):
     """A flag or config file that cannot be used; the message names it."""
@@ -21,9 +23,9 @@ class ConfigError(ValueError):
 @dataclass
 class AdapterArguments:
     recipe: str = field(default="A_rand_hB_zero", metadata={"help": "LoRASYM recipe or alias (asymllm recipes)"})
-    lora_r: int = field(default=16, metadata={"help": "adapter rank r"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "scale s = lora_alpha / r (or / sqrt(r) with --use_rslora)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the adapter input"})
+    lora_r: int = field(default=DEFAULT_LORA_R, metadata={"help": "adapter rank r"})
+    lora_alpha: float = field(default=DEFAULT_LORA_ALPHA, metadata={"help": "scale s = lora_alpha / r (or / sqrt(r) with --use_rslora)"})
+    lora_dropout: float = field(default=DEFAULT_LORA_DROPOUT, metadata={"help": "dropout on the adapter input"})
     target_modules: list[str] | None = field(default=None, metadata={"help": "projections to adapt (default: q,k,v,o,gate,up,down)"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling lora_alpha / sqrt(r)"})
 
@@ -39,17 +41,20 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str | None = field(default=None, metadata={"help": "json/jsonl/parquet/csv file or hub name (default: built-in instructions)"})
-    dataset_split: str = field(default="train", metadata={"help": "split to read from a hub dataset"})
+    dataset_split: str = field(default="train", metadata={"help": "split to train on: of a hub dataset, or the key of a local JSON object keyed by split"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out file or hub name (default with the built-in data: its held-out part)"})
+    eval_split: str = field(default="test", metadata={"help": "split of --eval_dataset to hold out (hub split, or key of a local JSON object keyed by split)"})
     eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of --dataset when no --eval_dataset is given"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "stop (after saving a checkpoint) at this step, as if interrupted; for resume drills"})
+    # transformers 5 dropped TrainingArguments.overwrite_output_dir; asymllm keeps the flag users know.
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "start a fresh run in an --output_dir that holds an earlier run's adapter/ or checkpoint-*, deleting those"})
 
 
 def machine_defaults() -> dict:
     """SFTConfig defaults that depend on the machine or suit adapters."""
     cuda = torch.cuda.is_available()
     return {
-        "output_dir": "outputs/{recipe}-r{lora_r}",  # filled in by train() once the recipe is known
+        "output_dir": "outputs/{recipe}-r{lora_r}-s{seed}",  # filled in by train(); one folder per seed
         "bf16": cuda and torch.cuda.is_bf16_supported(),
         "gradient_checkpointing": cuda,  # memory on GPUs; on CPU it only costs time
         "learning_rate": 1e-3,

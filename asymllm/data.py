@@ -21,7 +21,7 @@ the array under "data" or under the split's name; a `.json` file that is really 
 Lines is read as such), `.csv` (a header row; a `messages` cell holds JSON), `.parquet`.
 Anything else that is not an existing path is loaded with `datasets.load_dataset(name,
 split=split)` (a hub dataset, or a local folder). `split` matters only there and for
-JSON objects keyed by split.
+JSON objects keyed by split (`{"train": [...], "test": [...]}`; `split_read` says which).
 
 Locations in messages: `file:LINE` (1-based; for JSON and CSV the line where the
 example starts) for text files, `name[ROW]` (0-based, as in `dataset[ROW]`) for parquet
@@ -156,6 +156,31 @@ def split_heldout(examples: list, fraction: float, seed: int) -> tuple[list, lis
     held = set(order[:n_heldout])
     train = [example for i, example in enumerate(examples) if i not in held]
     return train, [example for i, example in enumerate(examples) if i in held]
+
+
+def source_identity(source: str) -> str:
+    """What a --dataset value names: an existing path resolved (so two spellings of one
+    file compare equal), anything else (a hub name) as given."""
+    source = os.fspath(source)
+    return os.path.realpath(source) if os.path.exists(source) else source
+
+
+def split_read(source: str, split: str) -> str | None:
+    """Which split of `source` load_examples(source, split) reads: None for a local file
+    without named splits (JSON Lines, CSV, parquet, a JSON array, a JSON object holding its
+    examples under "data"), where every split name reads the same examples."""
+    path = Path(os.fspath(source))
+    if not path.is_file():
+        return split  # a hub dataset or a local dataset folder: datasets.load_dataset picks the split
+    if path.suffix.lower() != ".json":
+        return None
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError:
+        return None  # JSON Lines named .json (or malformed, which load_examples reports)
+    if not isinstance(data, dict) or isinstance(data.get("data"), list):
+        return None
+    return split  # as _json_records: the examples under the split's name
 
 
 # --- reading files: each yields (location, record) -------------------------------------

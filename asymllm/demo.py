@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .adapter import LoRASYMConfig, get_lorasym_model
+from .adapter import DEFAULT_LORA_ALPHA, DEFAULT_LORA_R, LoRASYMConfig, get_lorasym_model
 from .builtin import resolve_model
 from .checkpoint import save_adapter
 from .merge import merge_lorasym
@@ -35,8 +35,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="asymllm demo", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="A_rand_hB_zero", help="recipe name or alias (see `asymllm recipes`)")
     parser.add_argument("--model", default=None, help="local folder or hub name (default: built-in SmolLM2-135M-Instruct)")
-    parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--lora_alpha", type=float, default=32)
+    parser.add_argument("--lora_r", type=int, default=DEFAULT_LORA_R)
+    parser.add_argument("--lora_alpha", type=float, default=DEFAULT_LORA_ALPHA)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=42)

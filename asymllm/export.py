@@ -3,6 +3,7 @@
     asymllm export --adapter OUT/adapter --output merged/                 # base from adapter_config.json
     asymllm export --adapter OUT/checkpoint-500 --output merged/ --dtype bf16 --max_shard_size 2GB
     asymllm export --adapter OUT/adapter --output served/ --adapter_only  # peft adapter for vLLM/TGI
+    asymllm export --adapter OUT/adapter --output merged/ --tokenizer ORIGINAL_MODEL/   # base has no tokenizer files
 
 The merged folder (config, safetensors shards + index, tokenizer with its chat template,
 generation config, README.md model card) loads with `AutoModelForCausalLM.from_pretrained(DIR)`
@@ -15,13 +16,17 @@ How, in order (nothing is written before step 4):
    ZeRO shards (asymllm.zero_checkpoint);
 2. the base: --base, else the adapter's base_model_name_or_path; only safetensors headers read;
 3. the plan: every adapter tensor matched to a base weight, shapes checked (an adapter for
-   another base is refused here), scale per module;
+   another base is refused here), scale per module; the tokenizer: --tokenizer's, else the
+   adapter folder's, else the base's, loaded and checked; a merged export whose sources have no
+   tokenizer files is refused (a model that cannot be prompted is not what `from_pretrained`
+   users expect) unless --tokenizer names one, or --tokenizer none declines it;
 4. stream: each output shard's header is known from the base headers, so tensors are read
    (plain reads, not a memory map), merged and written one at a time; peak memory is a few
    tensors beyond the process itself, whatever the model or shard size
    (benchmarks/export_memory.py);
 5. verify (default; --no-verify skips): logits of the merged folder against base + adapter
-   through peft, both in the output dtype, one model in memory at a time;
+   through peft, both in the output dtype, one model in memory at a time (fp32: within 4x the
+   rounding of peft's own merge of the same model; bf16/fp16: the same argmax; export_verify);
 6. publish: everything is written to a hidden folder beside --output and renamed into place
    only after verification, so a failed export leaves no folder behind.
 """
@@ -42,7 +47,7 @@ from pathlib import Path
 
 from .builtin import _make_readable
 from .checkpoint import AdapterFileError
-from .export_files import copy_tokenizer, write_adapter_folder, write_config_files
+from .export_files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
 from .export_source import find_adapter_dir, read_adapter, resolve_base
 from .export_types import DTYPE_NAMES, DTYPES, ExportError, write_text
 from .export_verify import Verification, verify_adapter_export, verify_merged
@@ -65,6 +70,7 @@ class ExportArgs:
     verify: bool = True
     overwrite: bool = False
     adapter_only: bool = False
+    tokenizer: str | None = None      # folder to take the tokenizer from, or "none"; default: the adapter's, else the base's
 
 
 @dataclass
@@ -96,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> ExportArgs:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output (only after success)")
     parser.add_argument("--adapter_only", "--adapter-only", action="store_true",
                         help="write the adapter alone in peft format (frozen factors included) for multi-LoRA serving")
+    parser.add_argument("--tokenizer", metavar="PATH|none",
+                        help="folder to take the tokenizer from (default: the adapter's, else the base model's; a base "
+                             f"without tokenizer files is refused), or '{NO_TOKENIZER}' to export without one")
     return ExportArgs(**vars(parser.parse_args(argv)))
 
 
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> ExportResult:
 
 def export(adapter: str, output: str, base: str | None = None, dtype: str | None = None,
            max_shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False,
-           adapter_only: bool = False) -> ExportResult:
+           adapter_only: bool = False, tokenizer: str | None = None) -> ExportResult:
     """Merge (or, with adapter_only, re-save) an adapter; see the module docstring for the steps."""
     start = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
@@ -126,13 +135,17 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
     check_output(output, overwrite, [adapter, adapter_dir, base_dir])
     base_ckpt = BaseCheckpoint.open(base_dir) if base_dir else None
     source = read_adapter(adapter_dir, base_ckpt, base)
-    plan = plan_merge(source, base_ckpt) if base_ckpt else None  # every refusal happens before this line
+    plan = plan_merge(source, base_ckpt) if base_ckpt else None
+    shipped_tokenizer = choose_tokenizer(  # an adapter folder needs no tokenizer; a merged model does
+        tokenizer, [("--adapter folder", adapter_dir)] + ([] if adapter_only else [("base model folder", base_dir)]),
+        base_ckpt.config.get("vocab_size") if base_ckpt else None, required=not adapter_only)
+    # every refusal happens before this line
     if adapter_only:
         out_dtype = DTYPES[dtype] if dtype else None
         with staging(output, overwrite) as tmp:
             files = write_adapter_folder(tmp, source.tensors, source.config, source.recipe, source.seed, out_dtype,
                                          base_name=base or source.config.get("base_model_name_or_path"))
-            files += copy_tokenizer(source.tokenizer_dir, tmp, required=False)
+            files += save_tokenizer(shipped_tokenizer, tmp)
             line = verify_adapter_export(tmp, source, base_ckpt, out_dtype) if verify else None
             write_text(tmp, "README.md", model_card(source, base_ckpt, plan, out_dtype, line, adapter_only=True))
         total = sum(t.numel() * (out_dtype or t.dtype).itemsize for t in source.tensors.values())
@@ -145,7 +158,7 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
     with staging(output, overwrite) as tmp:
         files = write_merged_weights(tmp, base_ckpt, plan, out_dtype, layout)
         files += write_config_files(tmp, base_ckpt, out_dtype)
-        files += copy_tokenizer(source.tokenizer_dir or base_dir, tmp, required=False)
+        files += save_tokenizer(shipped_tokenizer, tmp)
         check = None
         if verify:
             check = verify_merged(tmp, base_dir, source, out_dtype)

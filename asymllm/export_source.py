@@ -31,7 +31,6 @@ class AdapterSource:
     recipe: Recipe | None
     seed: int | None
     description: str                       # where the tensors came from, for logs and the card
-    tokenizer_dir: str | None
     run_dir: str | None                    # the training run's folder (asymllm_run.json), if known
     rebuilt_from_shards: bool = False
 
@@ -52,7 +51,6 @@ def read_adapter(adapter_dir: str, base: BaseCheckpoint | None, base_name: str |
     """The adapter file when it is complete; else, in a checkpoint-N/ with DeepSpeed shards, a rebuild."""
     run_dir = os.path.dirname(os.path.abspath(adapter_dir))
     run_dir = run_dir if os.path.isfile(os.path.join(run_dir, RUN_RECORD)) else None
-    tokenizer_dir = adapter_dir if os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) else None
     try:
         verify_adapter_dir(adapter_dir)
     except AdapterFileError as error:
@@ -66,13 +64,13 @@ def read_adapter(adapter_dir: str, base: BaseCheckpoint | None, base_name: str |
                  f"unusable: {error}); {len(rebuilt.rebuilt)} frozen factors rebuilt from recipe "
                  f"{rebuilt.recipe.name if rebuilt.recipe else None}, seed {rebuilt.seed}")
         return AdapterSource(adapter_dir, rebuilt.config, rebuilt.tensors, rebuilt.recipe, rebuilt.seed, where,
-                             tokenizer_dir, run_dir, rebuilt_from_shards=True)
+                             run_dir, rebuilt_from_shards=True)
     with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
         config = json.load(f)
     record = read_recipe_file(adapter_dir)
     recipe, seed = record if record else (None, None)
     return AdapterSource(adapter_dir, config, load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS)), recipe, seed,
-                         f"adapter file {os.path.abspath(os.path.join(adapter_dir, ADAPTER_WEIGHTS))}", tokenizer_dir, run_dir)
+                         f"adapter file {os.path.abspath(os.path.join(adapter_dir, ADAPTER_WEIGHTS))}", run_dir)
 
 
 def resolve_base(base: str | None, adapter_dir: str, required: bool = True) -> str | None:

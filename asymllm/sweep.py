@@ -7,7 +7,10 @@ commands, one after another, resumable, then one table and one plot.
 Each run is a separate process (`asymllm train`, then `asymllm eval alpaca` on the held-out
 data, and `asymllm eval mmlu` with --mmlu), so a sweep exercises exactly what a user runs
 and a crash in one run cannot corrupt another. A finished run leaves `result.json` in its
-folder; a rerun of the same command skips it, so a stopped sweep resumes.
+folder, with the fingerprint of the adapter it evaluated (asymllm/fingerprint.py); a rerun
+of the same command skips it while the adapter is the same, so a stopped sweep resumes. A
+cell whose adapter changed since (trained again into its folder, replaced by hand) is
+evaluated again, not reused; one whose adapter is gone is trained again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .fingerprint import adapter_fingerprint, fingerprint_changes
 from .recipe import Recipe
 
 logger = logging.getLogger("asymllm.sweep")
@@ -78,11 +82,15 @@ def main(argv=None) -> list[dict]:
     for index, spec in enumerate(specs, 1):
         run_dir = os.path.join(args.output, "runs", spec.name)
         done = load_result(run_dir)
-        if done is not None:
+        stale = None if done is None else stale_reason(done, run_dir)
+        if done is not None and stale is None:
             logger.info("[%d/%d] %s: done already, skipped", index, len(specs), spec.name)
+        elif done is not None and os.path.isdir(_adapter_dir(run_dir)):
+            logger.info("[%d/%d] %s: %s; re-evaluating", index, len(specs), spec.name, stale)
+            done = run_one(spec, run_dir, args, train=False, discard_evaluations=True)
         else:
-            logger.info("[%d/%d] %s: training", index, len(specs), spec.name)
-            done = run_one(spec, run_dir, args)
+            logger.info("[%d/%d] %s: training%s", index, len(specs), spec.name, f" ({stale})" if stale else "")
+            done = run_one(spec, run_dir, args, discard_evaluations=stale is not None)
         results.append(done)
     write_table(results, args.output)
     plot(results, os.path.join(args.output, "sweep.png"))
@@ -98,19 +106,43 @@ def load_result(run_dir: str) -> dict | None:
         return json.load(f)
 
 
-def run_one(spec: RunSpec, run_dir: str, args) -> dict:
+def stale_reason(result: dict, run_dir: str) -> str | None:
+    """Why `result` (a cell's result.json) cannot be reused, or None: it must be of the
+    adapter now in the cell's folder, not merely of the same path."""
+    adapter = _adapter_dir(run_dir)
+    if not os.path.isdir(adapter):
+        return f"result.json is there but its adapter {adapter} is not"
+    recorded = result.get("adapter_fingerprint")
+    if recorded is None:
+        return "result.json records no adapter fingerprint (an older asymllm wrote it)"
+    changes = fingerprint_changes({"adapter": recorded}, {"adapter": adapter_fingerprint(adapter)})
+    return f"the adapter changed since result.json was written ({changes['adapter']})" if changes else None
+
+
+def _adapter_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "train", "adapter")
+
+
+def run_one(spec: RunSpec, run_dir: str, args, train: bool = True, discard_evaluations: bool = False) -> dict:
+    """Train (unless `train` is False) and evaluate one cell. `discard_evaluations`: the cell's
+    old evaluations are of another adapter (its result was stale), so they go (--overwrite);
+    otherwise an interrupted evaluation of this adapter resumes."""
     start = time.perf_counter()
     train_dir, eval_dir = os.path.join(run_dir, "train"), os.path.join(run_dir, "eval")
-    train_cmd = [*_entry(args.launcher, "train"), "--recipe", spec.recipe, "--lora_r", str(spec.rank),
-                 "--seed", str(spec.seed), "--output_dir", train_dir, "--resume_from_checkpoint", "auto"]
-    if args.config:
-        train_cmd += ["--config", args.config]
-    _run(train_cmd + args.train_flags, run_dir, "train")
-    adapter = os.path.join(train_dir, "adapter")
-    _run([*_entry("", "eval"), "alpaca", "--adapter", adapter, "--output_dir", eval_dir, *shlex.split(args.eval_flags)], run_dir, "eval_alpaca")
+    if train:
+        train_cmd = [*_entry(args.launcher, "train"), "--recipe", spec.recipe, "--lora_r", str(spec.rank),
+                     "--seed", str(spec.seed), "--output_dir", train_dir, "--resume_from_checkpoint", "auto"]
+        if args.config:
+            train_cmd += ["--config", args.config]
+        _run(train_cmd + args.train_flags, run_dir, "train")
+    adapter = _adapter_dir(run_dir)
+    evaluated = adapter_fingerprint(adapter)  # taken before evaluating: what the evaluations are given
+    overwrite = ["--overwrite"] if discard_evaluations else []
+    _run([*_entry("", "eval"), "alpaca", "--adapter", adapter, "--output_dir", eval_dir, *overwrite,
+          *shlex.split(args.eval_flags)], run_dir, "eval_alpaca")
     if args.mmlu:
-        _run([*_entry("", "eval"), "mmlu", "--adapter", adapter, "--output_dir", eval_dir], run_dir, "eval_mmlu")
-    result = collect(spec, train_dir, eval_dir, time.perf_counter() - start)
+        _run([*_entry("", "eval"), "mmlu", "--adapter", adapter, "--output_dir", eval_dir, *overwrite], run_dir, "eval_mmlu")
+    result = {**collect(spec, train_dir, eval_dir, time.perf_counter() - start), "adapter_fingerprint": evaluated}
     with open(os.path.join(run_dir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result

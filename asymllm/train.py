@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import data as data_lib
 from .data import DataError
@@ -32,7 +33,7 @@ from .packing import PackingError, check_packing
 from .recipe import Recipe, RecipeError, describe
 from .targets import TargetError
 from .report import plot_loss_curve, write_run_record
-from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps
+from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps, check_checkpoint_settings
 from .zero import count_parameters, rank_and_world
 
 logger = logging.getLogger("asymllm.train")
@@ -64,6 +65,12 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     recipe = Recipe.parse(adapter_args.recipe)
     sft_config.output_dir = sft_config.output_dir.format(recipe=recipe.name, lora_r=adapter_args.lora_r, seed=sft_config.seed)
     check_reporters(sft_config.report_to)
+    # Before anything is loaded: a refusal should not cost a model load.
+    resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir, data_args.overwrite_output_dir)
+    if resume:
+        check_checkpoint_settings(resume, run_settings(adapter_args, recipe, sft_config.seed))
+    elif not sft_config.resume_from_checkpoint:
+        prepare_fresh_output_dir(sft_config.output_dir, data_args.overwrite_output_dir)
     model_path = check_model_path(resolve_model(model_args.model))
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
@@ -76,11 +83,14 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     trainable, total = count_parameters(model)
     logger.info("recipe %s; trainable parameters %s of %s (%.3f%%)", describe(recipe), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
-    resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir)
+    restore = None
+    if resume:  # the default or a regex --target_modules is known only now, as peft resolved it
+        check_checkpoint_settings(resume, {"--target_modules": model.peft_config["default"].target_modules})
+        restore = RestoreFrozenFactors(model, resume, recipe)  # compares before trainer.train() loads the checkpoint
     trainer = LorasymSFTTrainer(model=model, args=sft_config, train_dataset=train_set, eval_dataset=eval_set,
                                 processing_class=tokenizer)
-    if resume:
-        trainer.add_callback(RestoreFrozenFactors(model, resume))
+    if restore:  # added after the Trainer's own callbacks (and any a subclass adds), so it has the last word
+        trainer.add_callback(restore)
     if data_args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
     write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
@@ -119,23 +129,40 @@ def load_tokenizer(model_path: str):
 def load_data(data_args, tokenizer, sft_config):
     """Tokenized train and held-out sets (input_ids + labels), with every skip reported."""
     source = data_args.dataset or data_lib.BUILTIN_DATASET
+    eval_source = data_args.eval_dataset or (data_lib.BUILTIN_HELDOUT if data_args.dataset is None else None)
+    if eval_source:
+        check_heldout_is_not_training_data(data_args, source, eval_source)
     examples, skips = data_lib.load_examples(source, split=data_args.dataset_split)
     logger.info("data: %d examples; %s", len(examples), skips.summary())
-    eval_source = data_args.eval_dataset or (data_lib.BUILTIN_HELDOUT if data_args.dataset is None else None)
     held_out = []
     if eval_source:
-        held_out, eval_skips = data_lib.load_examples(eval_source, split="test" if eval_source != source else data_args.dataset_split)
+        held_out, eval_skips = data_lib.load_examples(eval_source, split=data_args.eval_split)
         logger.info("held-out: %d examples; %s", len(held_out), eval_skips.summary())
     elif data_args.eval_fraction > 0:
         examples, held_out = data_lib.split_heldout(examples, data_args.eval_fraction, seed=sft_config.seed)
         logger.info("held out %d of the examples (--eval_fraction %s)", len(held_out), data_args.eval_fraction)
-    train_set, report = data_lib.tokenize_examples(examples, tokenizer, sft_config.max_length)
+    cut = {"max_length": sft_config.max_length, "truncation_mode": sft_config.truncation_mode}
+    train_set, report = data_lib.tokenize_examples(examples, tokenizer, **cut)
     logger.info("train tokens: %s", report.summary())
     eval_set = None
     if held_out:
-        eval_set, eval_report = data_lib.tokenize_examples(held_out, tokenizer, sft_config.max_length)
+        eval_set, eval_report = data_lib.tokenize_examples(held_out, tokenizer, **cut)
         logger.info("held-out tokens: %s", eval_report.summary())
     return train_set, eval_set
+
+
+def check_heldout_is_not_training_data(data_args, source: str, eval_source: str) -> None:
+    """A held-out loss on the training examples looks like a fine result and means nothing."""
+    if data_lib.source_identity(eval_source) != data_lib.source_identity(source):
+        return
+    train_split = data_lib.split_read(source, data_args.dataset_split)
+    if train_split is None:
+        raise ConfigError(f"--eval_dataset {eval_source} is the --dataset file, and it has no named splits, so it would hold out "
+                          "the training examples themselves; use --eval_fraction to hold out part of it, or give another --eval_dataset")
+    if data_lib.split_read(eval_source, data_args.eval_split) == train_split:
+        raise ConfigError(f"--eval_dataset {eval_source} --eval_split {data_args.eval_split} is the training data "
+                          f"(--dataset {source} --dataset_split {data_args.dataset_split}); choose another --eval_split "
+                          "(default: test) or use --eval_fraction")
 
 
 def choose_attention(requested: str | None) -> str:
@@ -177,9 +204,12 @@ def load_model(model_path: str, sft_config, attn: str, tokenizer):
     return model
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
+def resolve_resume(value: str | None, output_dir: str, overwrite: bool = False) -> str | None:
     if not value:
         return None
+    if overwrite:
+        raise ConfigError(f"--overwrite_output_dir and --resume_from_checkpoint {value}: one starts {output_dir} afresh, "
+                          "the other continues it; give one of them")
     if value == "auto":
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
         logger.info("resume auto: %s", f"continuing from {last}" if last else f"no checkpoint in {output_dir}; starting from scratch")
@@ -187,6 +217,39 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if not os.path.isdir(value):
         raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder (use 'auto' to take the latest in --output_dir)")
     return value
+
+
+def run_settings(adapter_args, recipe: Recipe, seed: int) -> dict:
+    """What a checkpoint must have been made with for this run to continue it, by flag. The
+    target set only when given as a list; otherwise it is checked once peft has resolved it."""
+    targets = adapter_args.target_modules
+    return {"--recipe": recipe.name, "--seed": seed, "--lora_r": adapter_args.lora_r, "--lora_alpha": adapter_args.lora_alpha,
+            "--use_rslora": adapter_args.use_rslora, "--target_modules": targets if isinstance(targets, list) else None}
+
+
+def earlier_run_outputs(output_dir: str) -> list[str]:
+    """The adapter/ and checkpoint-* folders an earlier run left in output_dir."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, name))
+                  and (name == "adapter" or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")))
+
+
+def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
+    """A fresh run never mixes with an earlier one: refused, or (asked for) the earlier one's
+    adapter and checkpoints removed. Left in place, a stale checkpoint-N would be what a later
+    `--resume_from_checkpoint auto` takes, and save_total_limit would rotate out the new run's."""
+    earlier = earlier_run_outputs(output_dir)
+    if not earlier:
+        return
+    listed = ", ".join(f"{name}/" for name in earlier)
+    if not overwrite:
+        raise ConfigError(f"--output_dir {output_dir} already holds an earlier run ({listed}); pass --overwrite_output_dir "
+                          "to replace it, --resume_from_checkpoint auto to continue it, or choose another --output_dir")
+    if int(os.environ.get("RANK", "0")) == 0:  # one rank deletes; the process group may not exist yet
+        for name in earlier:
+            shutil.rmtree(os.path.join(output_dir, name))
+        logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", listed, output_dir)
 
 
 def finish(trainer, sft_config, eval_set, result) -> dict:

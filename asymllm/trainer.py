@@ -4,13 +4,16 @@
    (a frozen A silently vanishes, and peft reloads a random one). Every save here goes
    through `save_adapter` (gathered, complete, read back and checked), checkpoints included.
 2. Resume: the DeepSpeed checkpoint leaves frozen parameters out as well. On resume the
-   frozen factors are restored from the checkpoint's (complete) adapter file.
+   frozen factors are restored from the checkpoint's (complete) adapter file, after checking
+   that the checkpoint was made with this run's recipe, seed and adapter shape, and that
+   the frozen factors rebuilt here agree with it.
 3. What the user sees: loss-bearing tokens per second and the true trainable-parameter
    count (ds_numel under ZeRO-3) in every log line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -20,7 +23,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from .checkpoint import ADAPTER_WEIGHTS, save_adapter
+from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_file_key, save_adapter, verify_adapter_dir
+from .config import ConfigError
+from .recipe import Recipe
+from .recipe_file import RECIPE_FILE, read_recipe_file
 from .zero import count_parameters, gathered
 
 logger = logging.getLogger(__name__)
@@ -68,33 +74,115 @@ class LorasymSFTTrainer(SFTTrainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
+def checkpoint_settings(checkpoint_dir: str) -> dict:
+    """What a checkpoint was made with, keyed by the flag that sets it: recipe and seed from
+    its lorasym.json, the adapter's shape from its adapter_config.json."""
+    verify_adapter_dir(checkpoint_dir)
+    try:
+        record = read_recipe_file(checkpoint_dir)
+    except ValueError as error:
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint_dir}: {error}") from None
+    if record is None:
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint_dir}: no {RECIPE_FILE}, so the recipe and seed it was "
+                          "made with are unknown; resume only from a checkpoint asymllm wrote")
+    recipe, seed = record
+    with open(os.path.join(checkpoint_dir, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    return {"--recipe": recipe.name, "--seed": seed, "--lora_r": config.get("r"), "--lora_alpha": config.get("lora_alpha"),
+            "--use_rslora": bool(config.get("use_rslora", False)), "--target_modules": config.get("target_modules")}
+
+
+def check_checkpoint_settings(checkpoint_dir: str, settings: dict) -> None:
+    """Refuse to continue a checkpoint made with other settings: the run would train on with
+    the checkpoint's factors while recording this run's recipe and seed (a later rebuild from
+    that record gives other factors). `settings`: flag -> this run's value (None: not known yet)."""
+    made_with = checkpoint_settings(checkpoint_dir)
+    differ = [f"{flag}: {_shown(made_with[flag])} in the checkpoint, {_shown(value)} in this run"
+              for flag, value in settings.items() if value is not None and _comparable(made_with[flag]) != _comparable(value)]
+    if differ:
+        raise ConfigError(f"--resume_from_checkpoint {checkpoint_dir}: made with other settings than this run "
+                          f"({'; '.join(differ)}); resume with the checkpoint's settings, or start a fresh run in another --output_dir")
+
+
+def _comparable(value):
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return frozenset(value)  # peft stores target_modules as a set: the order means nothing
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)  # lora_alpha 32 and 32.0 are one value
+    return value
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ",".join(sorted(value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# Inits a rebuild reproduces bit for bit: seeded CPU generators, or zeros. An SVD (V, U) is
+# only as reproducible as its kernel (threads, BLAS, device), so there a difference is reported.
+EXACT_INITS = ("rand", "he", "zero")
+
+
 class RestoreFrozenFactors(TrainerCallback):
     """On resume, put the frozen factors back exactly as the checkpoint holds them.
 
     The Trainer's DeepSpeed checkpoint omits frozen parameters; they were rebuilt from the
-    recorded seed (or SVD) when the adapter was created, and that is checked here against
-    the checkpoint's complete adapter file, which then wins.
+    recorded seed (or SVD) when the adapter was created. They are compared with the
+    checkpoint's complete adapter file here, at construction, before `trainer.train` loads
+    anything (afterwards a single-process run would compare the file with itself), and the
+    file's values are copied in at train begin, after every load.
     """
 
-    def __init__(self, model, checkpoint_dir: str):
+    def __init__(self, model, checkpoint_dir: str, recipe: Recipe):
         self.model, self.checkpoint_dir = model, checkpoint_dir
+        saved = load_file(os.path.join(checkpoint_dir, ADAPTER_WEIGHTS))
+        frozen = {n: p for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad}
+        self.saved = {name: saved[peft_file_key(name)] for name in frozen}
+        self.worst = _check_rebuilt_factors(frozen, self.saved, recipe, getattr(model, "lorasym_seed", None), checkpoint_dir)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = load_file(os.path.join(self.checkpoint_dir, ADAPTER_WEIGHTS))
-        frozen = {n: p for n, p in self.model.named_parameters() if "lora_" in n and not p.requires_grad}
-        worst = 0.0
+        # looked up again: the parameters as they are now, after DeepSpeed's initialize
+        frozen = {n: p for n, p in self.model.named_parameters() if n in self.saved}
         with gathered(frozen.values(), modifier_rank=0), torch.no_grad():
             for name, param in frozen.items():
-                value = saved[_file_key(name)]
-                worst = max(worst, (param.float() - value.float().to(param.device)).abs().max().item())
-                param.copy_(value.to(device=param.device, dtype=param.dtype))
+                param.copy_(self.saved[name].to(device=param.device, dtype=param.dtype))
         logger.info("resume: %d frozen factor tensors restored from %s (rebuilt values differed by at most %.3g)",
-                    len(frozen), self.checkpoint_dir, worst)
+                    len(frozen), self.checkpoint_dir, self.worst)
 
 
-def _file_key(param_name: str) -> str:
-    """peft's file key for a parameter: the adapter name dropped ('.lora_A.default.weight' -> '.lora_A.weight')."""
-    return param_name.replace(".default.", ".")
+def _check_rebuilt_factors(frozen: dict, saved: dict, recipe: Recipe, seed, checkpoint_dir: str) -> float:
+    """The largest |rebuilt - checkpoint| over the frozen factors. For rand/he/zero any
+    difference is an error (the checkpoint was not made with this recipe and seed, or by
+    another asymllm); for V/U it is reported. Every rank computes the same, so all stop together."""
+    worst = {"A": 0.0, "B": 0.0}
+    with gathered(frozen.values(), modifier_rank=None), torch.no_grad():
+        for name, param in frozen.items():
+            letter, module = ("A" if ".lora_A." in name else "B"), _module_name(name)
+            value = saved[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConfigError(f"--resume_from_checkpoint {checkpoint_dir}: {module}'s {letter} is {tuple(value.shape)} in "
+                                  f"the checkpoint, {tuple(param.shape)} in this run")
+            # in the checkpoint's dtype: ZeRO-1/2 with bf16/fp16 casts every parameter, the frozen
+            # factors too, so their file holds the rounded values a rebuild must round to as well
+            diff = (param.to(value.dtype).float() - value.float().to(param.device)).abs().max().item()
+            init = getattr(recipe, letter).init
+            if diff > 0 and init in EXACT_INITS:
+                raise ConfigError(
+                    f"--resume_from_checkpoint {checkpoint_dir}: the frozen {letter} of {module} ({init} init, seed {seed}) "
+                    f"rebuilt here differs from the checkpoint's by up to {diff:.3g}, and a {init} init rebuilds exactly; "
+                    "the checkpoint was made with another seed or recipe, by another asymllm version, or its adapter file was changed")
+            worst[letter] = max(worst[letter], diff)
+    for letter in ("A", "B"):
+        init = getattr(recipe, letter).init
+        if not getattr(recipe, letter).trainable and init not in EXACT_INITS:
+            logger.info("resume: the frozen %s (%s init, an SVD of the base weights) rebuilt here differs from the checkpoint's "
+                        "by at most %.3g; training continues with the checkpoint's values", letter, init, worst[letter])
+    return max(worst.values())
+
+
+def _module_name(param_name: str) -> str:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight' -> 'model.layers.0.self_attn.q_proj'."""
+    return param_name.split(".lora_")[0].removeprefix("base_model.model.")
 
 
 class StopAfterSteps(TrainerCallback):

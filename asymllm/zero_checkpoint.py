@@ -19,6 +19,10 @@ trap 12), the adapter is rebuilt here from the shards alone:
   CPU generator and are bit-identical anywhere. A frozen `V`/`U` factor (an SVD of W0) is
   refused: singular vectors are defined only up to sign and differ between devices, so a
   rebuilt one may not be the factor B was trained against.
+- dtype: every factor is given in the dtype the training forward pass used, which DeepSpeed
+  sets for all parameters at every stage (bf16/fp16 when on, else fp32; `_forward_dtype`):
+  the trained ones are their fp32 master copies rounded as DeepSpeed rounds them after each
+  step, the frozen ones rounded as DeepSpeed rounded them when it wrapped the model.
 
     from asymllm.zero_checkpoint import has_deepspeed_shards, rebuild_adapter
 """
@@ -29,12 +33,13 @@ import glob
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from .checkpoint import peft_file_key
+from .export_types import PREFIX
 from .init import init_factor, module_seed
 from .recipe import Recipe
 from .recipe_file import read_recipe_file
@@ -42,7 +47,6 @@ from .recipe_file import read_recipe_file
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "asymllm_run.json"
-PREFIX = "base_model.model."
 
 
 class ZeroCheckpointError(RuntimeError):
@@ -89,7 +93,7 @@ def rebuild_adapter(checkpoint_dir: str, base_shape: Callable[[str], tuple[int, 
         raise ZeroCheckpointError(f"{checkpoint_dir}: no DeepSpeed global_step*/ folder (or several, and no 'latest' file)")
     ds_config = _ds_config(step_dir)
     dtype = _forward_dtype(ds_config)
-    trained = {_file_key(name): t.to(dtype) for name, t in _trainable_state(checkpoint_dir, step_dir).items()
+    trained = {peft_file_key(name): t.to(dtype) for name, t in _trainable_state(checkpoint_dir, step_dir).items()
                if "lora_" in name or "modules_to_save" in name}
     if not any(".lora_" in k for k in trained):
         raise ZeroCheckpointError(f"{step_dir}: the DeepSpeed shards hold no LoRA parameters; not an adapter training run")
@@ -154,22 +158,21 @@ def _ds_config(step_dir: str) -> dict:
 
 
 def _forward_dtype(ds_config: dict) -> torch.dtype:
-    """The factors' dtype in the training forward pass. Under ZeRO-3 asymllm keeps the adapter in
-    the base's dtype (DESIGN.md trap 10); under ZeRO-1/2 peft upcasts adapters to fp32."""
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage == 3 and ds_config.get("bf16", {}).get("enabled") is True:
-        return torch.bfloat16
-    if stage == 3 and ds_config.get("fp16", {}).get("enabled") is True:
+    """The factors' dtype in the training forward pass, at every ZeRO stage: DeepSpeed casts every
+    parameter of the module, frozen ones included, to fp16 or bf16 when that mode is on
+    (engine._configure_distributed_model; under ZeRO-3 zero.Init builds them in it), and keeps
+    only its own fp32 master copy of the trained ones. So B was trained against bf16(A), and a
+    rebuilt A must be rounded the same way. ("bfloat16" is DeepSpeed's older name of "bf16".)"""
+    if _enabled(ds_config.get("fp16")):
         return torch.float16
+    if _enabled(ds_config.get("bf16")) or _enabled(ds_config.get("bfloat16")):
+        return torch.bfloat16
     return torch.float32
 
 
-def _file_key(param_name: str) -> str:
-    """peft's file key for a parameter: the adapter name dropped.
-    '...q_proj.lora_B.default.weight' -> '...q_proj.lora_B.weight';
-    '...lm_head.modules_to_save.default.weight' -> '...lm_head.weight'."""
-    key = re.sub(r"\.(lora_[AB])\.[^.]+\.(weight|bias)$", r".\1.\2", param_name)
-    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
+def _enabled(section) -> bool:
+    # transformers resolves "auto" before DeepSpeed sees (and saves) the config
+    return isinstance(section, dict) and section.get("enabled") is True
 
 
 def _run_record(checkpoint_dir: str) -> dict | None:

@@ -211,7 +211,7 @@ def run_peer(args, values: dict) -> None:
         data_lib.ensure_chat_template(tokenizer)
         data_lib.ensure_pad_token(tokenizer)
         examples, _ = data_lib.load_examples(args.dataset)
-        train_set, _ = data_lib.tokenize_examples(examples, tokenizer, config.max_length)
+        train_set, _ = data_lib.tokenize_examples(examples, tokenizer, config.max_length, config.truncation_mode)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
         model.config.pad_token_id = tokenizer.pad_token_id
         lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,

@@ -145,7 +145,7 @@ rm -f "$RESULT"
 echo "== training: $NGPU process(es), ZeRO-3, ${PRECISION[*]}, attention $ATTN, $MAX_STEPS steps ($WARMUP untimed)"
 run=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$NGPU" "$WRAPPER"
      --deepspeed ds_configs/zero3.json "${PRECISION[@]}" --attn_implementation "$ATTN" --max_steps "$MAX_STEPS"
-     --logging_steps 5 --save_strategy no --output_dir "$OUT_DIR/run" "$@")
+     --logging_steps 5 --save_strategy no --output_dir "$OUT_DIR/run" --overwrite_output_dir "$@")
 echo "+ ${run[*]}"
 status=0
 GPU_CHECK_WARMUP=$WARMUP GPU_CHECK_RESULT=$RESULT TOKENIZERS_PARALLELISM=false "${run[@]}" 2>&1 \

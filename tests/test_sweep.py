@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from asymllm import sweep
 from asymllm.sweep import plan
 from asymllm.tiny import save_tiny_model
 
@@ -60,3 +62,41 @@ def test_sweep_stopped_after_first_run_resumes_and_tabulates(tmp_path):
     assert (output / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     result = json.loads((output / "runs" / "A_rand_hB_zero-r4-s3" / "result.json").read_text())
     assert result["seed"] == 3 and result["rank"] == 4
+
+
+def test_a_cell_whose_adapter_changed_is_reevaluated_not_reused(tmp_path, caplog):
+    """result.json is reused only for the adapter it was computed from (its fingerprint)."""
+    from transformers import AutoModelForCausalLM
+
+    from asymllm import load_lorasym_model, save_adapter
+    from asymllm.fingerprint import adapter_fingerprint
+    from asymllm.tiny import randomize_lora_B
+
+    model_dir = save_tiny_model(str(tmp_path / "model"))
+    argv = ["--recipes", "asym", "--ranks", "4", "--seeds", "0", "--output", str(tmp_path / "sweep"),
+            "--eval_flags", "--limit 3 --max_new_tokens 4 --no_progress",
+            "--", "--model", model_dir, "--max_steps", "2", "--logging_steps", "1", "--per_device_eval_batch_size", "64"]
+    cell = tmp_path / "sweep" / "runs" / "A_rand_hB_zero-r4-s0"
+    adapter, summary = cell / "train" / "adapter", cell / "eval" / "alpaca_summary.json"
+    caplog.set_level(logging.INFO, logger="asymllm.sweep")
+    first = sweep.main(argv)[0]
+    assert first["adapter_fingerprint"]["id"] == adapter_fingerprint(str(adapter))["id"]
+    train_log = (cell / "train.log").stat().st_mtime_ns
+
+    peft_model = load_lorasym_model(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter))
+    randomize_lora_B(peft_model, std=2.0, seed=7)  # another adapter in the cell's folder
+    save_adapter(peft_model, str(adapter))
+    new_id = adapter_fingerprint(str(adapter))["id"]
+    assert new_id != first["adapter_fingerprint"]["id"]
+    caplog.clear()
+    second = sweep.main(argv)[0]
+    assert "A_rand_hB_zero-r4-s0: the adapter changed since result.json was written" in caplog.text
+    assert "done already, skipped" not in caplog.text
+    assert second["adapter_fingerprint"]["id"] == new_id
+    assert json.loads((cell / "result.json").read_text())["adapter_fingerprint"]["id"] == new_id
+    assert json.loads(summary.read_text())["fingerprint"]["adapter"]["id"] == new_id  # evaluated again, this adapter
+    assert (cell / "train.log").stat().st_mtime_ns == train_log  # not trained again
+
+    caplog.clear()
+    assert sweep.main(argv)[0]["adapter_fingerprint"]["id"] == new_id
+    assert "A_rand_hB_zero-r4-s0: done already, skipped" in caplog.text

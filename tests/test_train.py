@@ -3,16 +3,19 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from asymllm import LoRASYMConfig, get_lorasym_model, load_lorasym_model, lora_layers, verify_adapter_dir
+from asymllm.config import AdapterArguments
 from asymllm.tiny import save_tiny_model
 from asymllm.train import main
 from transformers import AutoModelForCausalLM
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 SEED = 1234
 COMMON = ["--max_steps", "6", "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "3",
           "--seed", str(SEED), "--per_device_eval_batch_size", "64"]
@@ -108,3 +111,51 @@ def test_report_to_tensorboard_passes_through(tiny_model_dir, tmp_path):
           "--save_strategy", "no", "--report_to", "tensorboard"])
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+# --- one folder per run: a second seed or a rerun never writes over a finished run (issue 10, item 2)
+
+ONE_STEP = ["--max_steps", "1", "--logging_steps", "1", "--save_strategy", "no"]
+
+
+def _frozen_A(adapter_dir) -> dict:
+    return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if ".lora_A." in k}
+
+
+def test_default_output_dir_is_per_seed_and_a_used_one_is_refused(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    for seed in (1, 2):
+        main(["--model", tiny_model_dir, "--seed", str(seed), *ONE_STEP])
+    first, second = (_frozen_A(tmp_path / "outputs" / f"A_rand_hB_zero-r16-s{seed}" / "adapter") for seed in (1, 2))
+    assert sorted(first) == sorted(second) and not any(torch.equal(first[k], second[k]) for k in first)
+    caplog.clear()
+    with pytest.raises(SystemExit) as refused:
+        main(["--model", tiny_model_dir, "--seed", "1", *ONE_STEP])
+    message = str(refused.value)
+    assert "outputs/A_rand_hB_zero-r16-s1" in message and "adapter/" in message, message
+    assert "--overwrite_output_dir" in message and "--resume_from_checkpoint" in message, message
+    assert f"model {tiny_model_dir} in" not in caplog.text  # refused before the model was loaded
+    assert torch.equal(_frozen_A(tmp_path / "outputs" / "A_rand_hB_zero-r16-s1" / "adapter")[next(iter(first))],
+                       first[next(iter(first))])
+
+
+def test_overwrite_output_dir_starts_afresh_without_stale_checkpoints(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-9").mkdir(parents=True)  # left by an earlier, longer run
+    with pytest.raises(SystemExit, match=r"checkpoint-9.*--overwrite_output_dir"):
+        main(["--model", tiny_model_dir, "--output_dir", str(out), *ONE_STEP])
+    main(["--model", tiny_model_dir, "--output_dir", str(out), "--overwrite_output_dir", *ONE_STEP])
+    # a stale checkpoint-9 would be taken by a later `--resume_from_checkpoint auto`, and the
+    # Trainer's save_total_limit rotation would delete the new run's checkpoints before it
+    assert not (out / "checkpoint-9").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+# --- one set of adapter defaults (issue 10, item 13)
+
+
+def test_python_api_cli_and_readme_share_one_set_of_adapter_defaults():
+    api, cli = LoRASYMConfig(), AdapterArguments()
+    assert (api.r, api.lora_alpha, api.lora_dropout) == (cli.lora_r, cli.lora_alpha, cli.lora_dropout)
+    row = next(line for line in README.read_text().splitlines() if line.startswith("| `--lora_r`, `--lora_alpha`"))
+    documented = [float(value) for value in row.split("|")[2].split(",")]
+    assert documented == [16, 32, 0] == [api.r, api.lora_alpha, api.lora_dropout]

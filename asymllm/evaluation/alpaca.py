@@ -1,6 +1,6 @@
 """`asymllm eval alpaca` (or `python eval/alpaca.py`): generate, score, optionally judge.
 
-    asymllm eval alpaca --adapter outputs/A_rand_hB_zero-r16/adapter            # built-in held-out set
+    asymllm eval alpaca --adapter outputs/A_rand_hB_zero-r16-s42/adapter            # built-in held-out set
     asymllm eval alpaca --model DIR --data alpaca_eval.json --max_new_tokens 1024 --judge JUDGE_DIR
     asymllm eval alpaca --adapter RUN/adapter --data alpaca_eval.json \\
         --judge http://127.0.0.1:8000/v1 --judge_model Qwen2.5-7B-Instruct      # a vLLM server as judge
@@ -16,12 +16,15 @@ Writes into --output_dir (default outputs/eval/<generator name>):
     annotations.json       the judged pairs in alpaca_eval's annotation layout (output_1 = reference,
                            output_2 = model, preference), for alpaca_eval.metrics functions
 
-alpaca_summary.json: {generator, model, data, n, generation: {settings}, health: {n, mean_length_chars,
+alpaca_summary.json: {generator, model, fingerprint, data, n, generation: {settings}, health: {n, mean_length_chars,
 mean_length_tokens, eos_share, truncated_share, repetition_rate}, exact_match: {accuracy, n, n_correct,
 by_group} | null, judge: {judge, reference, win_rate, standard_error, discrete_win_rate, n_wins,
 n_wins_base, n_draws, n_total, n_unscored, length_controlled_win_rate, lc_standard_error,
-length_coefficient, lc_method, seed} | null}. Win rates in percent (alpaca_eval's unit), shares and
+length_coefficient, lc_method, seed, fingerprint} | null}. Win rates in percent (alpaca_eval's unit), shares and
 accuracies as fractions. See health.py, exact_match.py, judge.py and winrate.py for the definitions.
+fingerprint {id, model, adapter}: the files evaluated (asymllm/fingerprint.py); the generations and
+judgments are bound to them, so another adapter, model or local judge in the same folder is refused
+(rerun with --overwrite, or another --output_dir).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ import sys
 
 from ..builtin import DEFAULT_MODEL
 from ..data import DataError
+from ..fingerprint import fingerprint_record, model_fingerprint
 from .exact_match import exact_match
 from .generation import GenerationError, GenerationSettings, generate
 from .health import health_figures
 from .instructions import InstructionsError, load_instructions, read_model_outputs, write_model_outputs
 from .judge import DEFAULT_MAX_CHARS, JUDGE_TEMPLATE, JudgeError, check_judge_spec, judge_pairs, make_judge
-from .loading import EvalModelError, load_for_eval
+from .loading import EvalModelError, evaluated_fingerprints, load_for_eval
 from .resume import ResumeError, ResumeLog
 from .winrate import length_controlled_win_rate, win_rate
 
@@ -115,9 +119,11 @@ def evaluate(args: argparse.Namespace) -> dict:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                                   top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
     settings.validate()
-    log = ResumeLog(os.path.join(out_dir, "generations.jsonl"),
-                    {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, **settings.resume_key()},
-                    overwrite=args.overwrite)
+    # Bound to the files evaluated, not their paths: another adapter or model in the same
+    # folder refuses the old generations (asymllm/fingerprint.py).
+    fingerprints = evaluated_fingerprints(args.model, args.adapter)
+    log = ResumeLog(os.path.join(out_dir, "generations.jsonl"), {"dtype": args.dtype, **settings.resume_key()},
+                    overwrite=args.overwrite, fingerprints=fingerprints)
     todo = [item for item in items if item.key not in log.done]
     description = generate_missing(args, todo, settings, log)
     done = [log.done[item.key] for item in items]
@@ -127,6 +133,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     summary = {
         "generator": generator,
         "model": description or f"{args.model or DEFAULT_MODEL}" + (f" + adapter {args.adapter}" if args.adapter else ""),
+        "fingerprint": fingerprint_record(fingerprints),
         "data": args.data or "built-in held-out set",
         "n": len(items),
         "n_generated_now": len(todo),
@@ -191,7 +198,11 @@ def judge_run(args, items, outputs: dict[str, str], generator: str, out_dir: str
               "instruction": i.instruction, "output": outputs[i.key], "reference": references[i.key]} for i in judged]
     setup = {"judge": args.judge, "judge_model": args.judge_model, "reference": reference_label, "seed": args.seed,
              "max_chars": args.judge_max_chars, "template": _digest(JUDGE_TEMPLATE)}
-    log = ResumeLog(os.path.join(out_dir, f"judgments-{_digest(json.dumps(setup, sort_keys=True))}.jsonl"), setup)
+    # A local judge is bound to its files too: a folder holding another judge now refuses
+    # the cached judgments. A served (HTTP) judge is known by its URL and model name only.
+    judge_fingerprints = {} if _is_http(args.judge) else {"judge": model_fingerprint(args.judge)}
+    log = ResumeLog(os.path.join(out_dir, f"judgments-{_digest(json.dumps(setup, sort_keys=True))}.jsonl"), setup,
+                    fingerprints=judge_fingerprints)
     judge, judge_label = None, args.judge + (f" ({args.judge_model})" if args.judge_model else "")
     if any(pair["key"] not in log.done for pair in pairs):  # load the judge only when there is judging to do
         judge = make_judge(args.judge, args.judge_model, args.dtype)
@@ -214,7 +225,12 @@ def judge_run(args, items, outputs: dict[str, str], generator: str, out_dir: str
         "length_coefficient": lc["length_coefficient"],
         "lc_method": LC_METHOD,
         "seed": args.seed,
+        "fingerprint": fingerprint_record(judge_fingerprints) if judge_fingerprints else None,
     }
+
+
+def _is_http(judge: str) -> bool:
+    return judge.startswith(("http://", "https://"))
 
 
 def _digest(*texts: str) -> str:
@@ -235,7 +251,8 @@ def _finite(value):
 def summary_markdown(summary: dict) -> str:
     health, em, judge = summary["health"], summary["exact_match"], summary["judge"]
     lines = [f"# {summary['generator']}: alpaca-style evaluation", "",
-             f"model: {summary['model']}; data: {summary['data']} ({summary['n']} instructions); "
+             f"model: {summary['model']} (fingerprint {summary['fingerprint']['id']}); "
+             f"data: {summary['data']} ({summary['n']} instructions); "
              f"generation: {', '.join(f'{k}={v}' for k, v in summary['generation'].items())}", "",
              "| figure | value |", "|---|---|",
              f"| mean output length | {health['mean_length_chars']:.1f} chars, {health['mean_length_tokens']:.1f} tokens |",

