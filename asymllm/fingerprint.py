@@ -4,8 +4,8 @@ A path says nothing about what is in it: train twice into one folder and the sec
 adapter sits where the first did. Every evaluation result (and every sweep cell) records a
 fingerprint of the files it came from, and a rerun compares them before reusing anything.
 
-- An adapter folder: the sha256 of adapter_model.safetensors, adapter_config.json and
-  lorasym.json (when present).
+- An adapter folder: the sha256 of adapter_model.safetensors, and of the content of
+  adapter_config.json and lorasym.json (when present; keys and set-valued lists sorted).
 - A base or merged model folder: its config.json and, per weight file (*.safetensors,
   *.bin, *.gguf), name, size and sha256. A weight file over WHOLE_HASH_LIMIT bytes is not
   read whole (a 7B model is 15 GB, read on every rerun): its record is size + mtime +
@@ -45,6 +45,22 @@ def file_record(path: str, whole_limit: int | None = None) -> dict:
     return {"size": size, "mtime_ns": os.stat(path).st_mtime_ns, "sha256": _edges_sha256(path), "hashed": "partial"}
 
 
+# peft writes these from Python sets, in an order that changes from process to process
+# (string hashing is randomised): the same adapter saved twice must not look like another.
+SET_VALUED_KEYS = ("target_modules", "modules_to_save", "exclude_modules")
+
+
+def json_record(path: str) -> dict:
+    """{sha256} of a JSON file's content, not its bytes (so no size either): keys sorted,
+    set-valued lists sorted, whitespace ignored."""
+    with open(path, encoding="utf-8") as f:
+        content = json.load(f)
+    if isinstance(content, dict):
+        content = {k: sorted(v) if k in SET_VALUED_KEYS and isinstance(v, list) else v for k, v in content.items()}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    return {"sha256": hashlib.sha256(canonical).hexdigest(), "hashed": "json content"}
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -70,7 +86,8 @@ def adapter_fingerprint(folder: str) -> dict:
     from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from .recipe_file import RECIPE_FILE
 
-    files = {name: file_record(os.path.join(folder, name)) for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE)
+    files = {name: (json_record if name.endswith(".json") else file_record)(os.path.join(folder, name))
+             for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE)
              if os.path.isfile(os.path.join(folder, name))}  # lorasym.json is optional (a plain peft adapter)
     return _with_id({"path": os.path.abspath(folder), "files": files})
 

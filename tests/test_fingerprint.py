@@ -164,3 +164,20 @@ def test_resume_log_refuses_results_recorded_without_fingerprints(tmp_path):
     with pytest.raises(ResumeError, match="no record of what made them.*--overwrite"):
         ResumeLog(str(tmp_path / "log.jsonl"), {"shots": 0},
                   fingerprints={"model": model_fingerprint(fake_model(tmp_path / "m"))})
+
+
+def test_an_adapter_saved_again_unchanged_keeps_its_fingerprint(tmp_path):
+    # peft writes target_modules from a Python set: its order changes from one process to the
+    # next (string hashing is randomised), so the same adapter saved twice differs byte for byte.
+    first = fake_adapter(tmp_path / "one")
+    second = fake_adapter(tmp_path / "two")
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "k_proj"]}
+    write(os.path.join(first, "adapter_config.json"), json.dumps(config).encode())
+    config["target_modules"] = ["k_proj", "q_proj", "v_proj"]
+    write(os.path.join(second, "adapter_config.json"), json.dumps(config, indent=2).encode())
+    assert fingerprint_changes({"adapter": adapter_fingerprint(first)}, {"adapter": adapter_fingerprint(second)}) == {}
+    # ... while a real change of the configuration is still one
+    config["lora_alpha"] = 16
+    write(os.path.join(second, "adapter_config.json"), json.dumps(config).encode())
+    changes = fingerprint_changes({"adapter": adapter_fingerprint(first)}, {"adapter": adapter_fingerprint(second)})
+    assert "adapter_config.json changed" in changes["adapter"]

@@ -67,6 +67,8 @@ class ResumeLog:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(self.settings_path, "w") as f:
                 json.dump({**settings, FINGERPRINTS: fingerprints}, f, indent=2)
+        if self.done:  # said only once they are known to be this model's and adapter's
+            logger.info("%s: %d items already done, skipped", self.path, len(self.done))
 
     def _check_fingerprints(self, recorded: dict | None, fingerprints: dict) -> None:
         advice = "use --overwrite to discard them, or another --output_dir"
@@ -96,8 +98,6 @@ class ResumeLog:
                 raise ResumeError(f"{self.path}:{number}: not JSON; the log is damaged (delete it, or use --overwrite)") from None
             good.append(line)
             self.done[record["key"]] = record
-        if self.done:
-            logger.info("%s: %d items already done, skipped", self.path, len(self.done))
 
     def _rewrite(self, lines: list[str]) -> None:
         tmp = f"{self.path}.tmp"
