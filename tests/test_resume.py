@@ -290,3 +290,22 @@ def test_resume_reports_how_far_a_rebuilt_V_factor_is_and_keeps_the_checkpoint_s
     assert (count, source) == (runs.N_TENSORS // 2, str(checkpoint))
     assert worst == pytest.approx(CHANGE, rel=1e-2)
     assert torch.equal(runs.adapter_tensors(out / "adapter")[key], changed)
+
+
+def test_resume_accepts_a_checkpoint_whose_frozen_A_was_stored_in_bf16(fast_run, model_dir, tmp_path, caplog):
+    """ZeRO-1/2 with bf16 casts every parameter, the frozen A too, so a GPU run's checkpoint holds
+    bf16(A): the rebuilt fp32 A is the same factor once rounded the same way, not another seed's."""
+    checkpoint = _copy_checkpoint(fast_run, tmp_path)
+    tensors = {k: v.to(torch.bfloat16) for k, v in runs.adapter_tensors(checkpoint).items()}
+    save_file(tensors, os.path.join(checkpoint, "adapter_model.safetensors"), metadata={"format": "pt"})
+    caplog.set_level(logging.INFO)
+    assert _resume(model_dir, checkpoint)["steps"] == 2
+    assert _restored(caplog.text)[0] == runs.N_TENSORS // 2
+    # ... and a bf16 A that is not the rounded rebuild is still refused
+    checkpoint = _copy_checkpoint(fast_run, tmp_path / "other")
+    tensors = runs.adapter_tensors(checkpoint)
+    key = runs.factor_keys(tensors, "lora_A")[0]
+    tensors = {k: (v + (0.05 if k == key else 0.0)).to(torch.bfloat16) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(checkpoint, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="rebuilt here differs from the checkpoint's"):
+        _resume(model_dir, checkpoint)
