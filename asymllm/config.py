@@ -1,19 +1,25 @@
 """Run configuration: asymllm's own options plus every SFTConfig field, from YAML and flags.
 
-TRL's parser convention: `--config run.yaml` sets defaults, flags win. asymllm's
-defaults differ from TRL's only where TRL's would be wrong for the machine (bf16 and
-gradient checkpointing on a CPU) or for adapters (a LoRA-sized learning rate).
+TRL's parser convention: `--config run.yaml` sets defaults, flags win (a commented example:
+launch/run.example.yaml). asymllm's defaults differ from TRL's only where TRL's would be
+wrong for the machine (bf16 and activation checkpointing on a CPU) or for adapters (a
+LoRA-sized learning rate). Flag values are checked by `check_run_flags` before anything loads.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+from trl import SFTConfig
 
 from .adapter import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
+from .recipe import Recipe, RecipeError
+from .targets import ALL_LINEAR
 
 
 class ConfigError(ValueError):
@@ -26,7 +32,7 @@ class AdapterArguments:
     lora_r: int = field(default=DEFAULT_LORA_R, metadata={"help": "adapter rank r"})
     lora_alpha: float = field(default=DEFAULT_LORA_ALPHA, metadata={"help": "scale s = lora_alpha / r (or / sqrt(r) with --use_rslora)"})
     lora_dropout: float = field(default=DEFAULT_LORA_DROPOUT, metadata={"help": "dropout on the adapter input"})
-    target_modules: list[str] | None = field(default=None, metadata={"help": "projections to adapt (default: q,k,v,o,gate,up,down)"})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "projections to adapt, or all-linear (every linear layer of the transformer blocks, never the output head); default: q,k,v,o,gate,up,down"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling lora_alpha / sqrt(r)"})
 
 
@@ -50,13 +56,39 @@ class DataArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start a fresh run in an --output_dir that holds an earlier run's adapter/ or checkpoint-*, deleting those"})
 
 
+@dataclass
+class RunConfig(SFTConfig):
+    """TRL's SFTConfig, with asymllm's machine default for activation checkpointing and plain
+    progress lines when stderr is not a terminal."""
+
+    # TRL defaults transformers' deprecated name to True, so transformers warned on every run;
+    # unset here, the value is carried by --activation_checkpointing. A user who passes the old
+    # name still gets it applied (with transformers' own notice that the name is deprecated).
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "deprecated name of --activation_checkpointing", "nargs": "?", "const": True})
+
+    def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = torch.cuda.is_available()  # memory on GPUs; on CPU it only costs time
+        if self.disable_tqdm is None and not _stderr_is_a_terminal():
+            self.disable_tqdm = True  # a redirected progress bar is one line that grows forever; see trainer.PlainProgress
+        super().__post_init__()
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
 def machine_defaults() -> dict:
-    """SFTConfig defaults that depend on the machine or suit adapters."""
+    """SFTConfig defaults that depend on the machine or suit adapters (activation
+    checkpointing: RunConfig, as it depends on whether the user named it either way)."""
     cuda = torch.cuda.is_available()
     return {
         "output_dir": "outputs/{recipe}-r{lora_r}-s{seed}",  # filled in by train(); one folder per seed
         "bf16": cuda and torch.cuda.is_bf16_supported(),
-        "gradient_checkpointing": cuda,  # memory on GPUs; on CPU it only costs time
         "learning_rate": 1e-3,
         "num_train_epochs": 2.0,
         "per_device_train_batch_size": 8,
@@ -83,7 +115,7 @@ def parse_train_args(argv: list[str] | None = None, use_configured_state: bool =
     from trl import SFTConfig, TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((AdapterArguments, ModelArguments, DataArguments, SFTConfig), prog="asymllm train")
+    parser = TrlParser((AdapterArguments, ModelArguments, DataArguments, RunConfig), prog="asymllm train")
     defaults = machine_defaults()
     if use_configured_state:
         defaults["accelerator_config"] = {"use_configured_state": True}
@@ -97,12 +129,20 @@ def parse_train_args(argv: list[str] | None = None, use_configured_state: bool =
 
 
 def _suggest_flags(parser, argv: list[str]) -> str:
-    import difflib
-
     known = [option for action in parser._actions for option in action.option_strings]
     unknown = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0] not in known and a != "--config"]
-    hints = [f"{flag} -> {close[0]}" for flag in unknown if (close := difflib.get_close_matches(flag, known, n=1))]
+    return _did_you_mean(unknown, known)
+
+
+def _did_you_mean(unknown: list[str], known: list[str]) -> str:
+    """' (did you mean: --lora_rr -> --lora_r?)': one wording for flags and YAML keys."""
+    hints = [f"{name} -> {close[0]}" for name in unknown if (close := difflib.get_close_matches(name, known, n=1))]
     return f" (did you mean: {', '.join(hints)}?)" if hints else ""
+
+
+def config_keys() -> list[str]:
+    """The keys a --config YAML file may hold: every flag's name, and TRL's `env` mapping."""
+    return [f.name for dc in (AdapterArguments, ModelArguments, DataArguments, RunConfig) for f in fields(dc) if f.init] + ["env"]
 
 
 def uses_deepspeed(argv: list[str]) -> bool:
@@ -132,4 +172,65 @@ def read_yaml_config(argv: list[str]) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML ({error})") from None
     if not isinstance(config, dict):
         raise ConfigError(f"--config {path}: must be a YAML mapping of flag names to values")
+    known = config_keys()
+    unknown = [str(key) for key in config if key not in known]
+    if unknown:  # said here, before TRL's "add them to the dataclass" message
+        raise ConfigError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                          f"{_did_you_mean(unknown, known)}; keys are flag names without the leading --")
     return config
+
+
+# --- flag values, checked before anything is loaded: one line naming the flag and what it accepts
+
+
+def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
+    """Refuse flag values that would fail (or silently do nothing) after the data and the model
+    have loaded. Returns the parsed recipe."""
+    try:
+        recipe = Recipe.parse(adapter_args.recipe)
+    except RecipeError as error:
+        raise ConfigError(f"--recipe {adapter_args.recipe}: {error}") from None
+    _require(adapter_args.lora_r, "--lora_r", "a positive integer (the adapter rank, e.g. 8, 16 or 64)",
+             lambda v: _is_int(v) and v >= 1)
+    _require(adapter_args.lora_alpha, "--lora_alpha", "a positive number (the scale is lora_alpha / r, e.g. 2 * r)",
+             lambda v: _is_number(v) and v > 0)
+    _require(adapter_args.lora_dropout, "--lora_dropout", "a probability in [0, 1), e.g. 0 or 0.05",
+             lambda v: _is_number(v) and 0 <= v < 1)
+    _check_target_modules(adapter_args.target_modules)
+    _require(sft_config.learning_rate, "--learning_rate", "a positive number (e.g. 1e-3 for adapters)",
+             lambda v: _is_number(v) and v > 0)
+    _require(sft_config.max_length, "--max_length", "a positive integer number of tokens (e.g. 512 or 2048)",
+             lambda v: v is None or (_is_int(v) and v >= 1))
+    _require(data_args.eval_fraction, "--eval_fraction", "a fraction in [0, 1), e.g. 0.05 (0: hold nothing out)",
+             lambda v: _is_number(v) and 0 <= v < 1)
+    _require(data_args.stop_after_steps, "--stop_after_steps", "a positive integer step",
+             lambda v: v is None or (_is_int(v) and v >= 1))
+    return recipe
+
+
+def _require(value, flag: str, allowed: str, ok) -> None:
+    if not ok(value):
+        shown = f"{value:g}" if isinstance(value, float) else value  # as typed: --lora_alpha 0, not 0.0
+        raise ConfigError(f"{flag} {shown}: must be {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_target_modules(targets) -> None:
+    if targets is None:
+        return
+    names = [targets] if isinstance(targets, str) else list(targets)
+    shown = " ".join(map(str, names))
+    if not names or any(not isinstance(n, str) or not n.strip() for n in names):
+        raise ConfigError(f"--target_modules {shown!r}: must be module names (e.g. --target_modules q_proj v_proj) or {ALL_LINEAR}")
+    if any("," in n for n in names):
+        raise ConfigError(f"--target_modules {shown}: separate module names with spaces (--target_modules q_proj v_proj), not commas")
+    if ALL_LINEAR in names and len(names) > 1:
+        raise ConfigError(f"--target_modules {shown}: {ALL_LINEAR} already means every linear layer of the transformer "
+                          "blocks; give it alone, or list the modules")

@@ -9,7 +9,6 @@ logits, and the merge agrees. Run: `asymllm demo [--recipe A_rand_hB_zero --step
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .adapter import DEFAULT_LORA_ALPHA, DEFAULT_LORA_R, LoRASYMConfig, get_lorasym_model
 from .builtin import resolve_model
 from .checkpoint import save_adapter
+from .cli_args import ArgumentParser
 from .merge import merge_lorasym
 from .recipe import Recipe, describe
 from .zero import count_parameters
@@ -32,7 +32,7 @@ SENTENCES = [
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="asymllm demo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="asymllm demo", description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="A_rand_hB_zero", help="recipe name or alias (see `asymllm recipes`)")
     parser.add_argument("--model", default=None, help="local folder or hub name (default: built-in SmolLM2-135M-Instruct)")
     parser.add_argument("--lora_r", type=int, default=DEFAULT_LORA_R)

@@ -5,9 +5,10 @@ runs (`asymllm recipes` never imports torch)."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import sys
+
+from .cli_args import closest
 
 
 def dispatch(prog: str, noun: str, entries: dict[str, tuple[str, str, str]], argv: list[str]) -> None:
@@ -19,8 +20,8 @@ def dispatch(prog: str, noun: str, entries: dict[str, tuple[str, str, str]], arg
         return
     name, rest = argv[0], argv[1:]
     if name not in entries:
-        close = difflib.get_close_matches(name, entries, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(name, entries)
+        hint = f" (did you mean {close!r}?)" if close else ""
         sys.exit(f"{prog}: unknown {noun} {name!r}{hint}; {noun}s: {', '.join(entries)}")
     module, function, _ = entries[name]
     getattr(importlib.import_module(module), function)(rest)

@@ -1,10 +1,17 @@
-"""Start-up for distributed runs: the gloo bootstrap that DeepSpeed needs on CPU machines.
+"""Start-up for distributed runs on CPU machines: the gloo process group, built before the
+SFTConfig exists. With CUDA nothing is done: accelerate picks NCCL as usual.
 
-On a machine without CUDA, transformers builds accelerate's state with no backend, and
-every launcher then fails with `train_batch_size is not equal to micro_batch_per_gpu *
-gradient_acc_step * world_size`. Building the state ourselves with gloo *before* the
-SFTConfig exists avoids it (measured, NOTES-CPU-OFFLINE.md). With CUDA nothing is done:
-accelerate picks NCCL as usual.
+Why it is needed on CPU: transformers builds accelerate's state with no backend there, so
+- under DeepSpeed every launcher fails with `train_batch_size is not equal to
+  micro_batch_per_gpu * gradient_acc_step * world_size` (measured, NOTES-CPU-OFFLINE.md);
+- plain data parallel (torchrun, `accelerate launch --multi_gpu`, the deepspeed launcher
+  without `--deepspeed`) would run each rank as an unconnected single process.
+
+The state built here must match the run. A DeepSpeed one (ACCELERATE_USE_DEEPSPEED while
+it is built) without a DeepSpeed config leaves accelerate's AcceleratorState typed
+DEEPSPEED with no DeepSpeed plugin, and its `mixed_precision` property then fails
+(`'AcceleratorState' object has no attribute 'mixed_precision'`). Without DeepSpeed the
+state is accelerate's MULTI_CPU one (gloo), under which the Trainer wraps the model in DDP.
 """
 
 from __future__ import annotations
@@ -31,6 +38,16 @@ def bootstrap_cpu_distributed(uses_deepspeed: bool) -> tuple[bool, str]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     for name, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         os.environ.setdefault(name, default)  # a lone `python launch/sft.py --deepspeed ...` is a world of 1
+    world, rank = os.environ["WORLD_SIZE"], os.environ["RANK"]
+    if uses_deepspeed:
+        _deepspeed_state()
+        return True, f"no CUDA: gloo process group for DeepSpeed, {world} process(es) (rank {rank})"
+    _data_parallel_state()
+    return True, f"no CUDA: gloo process group for data parallel (DDP), {world} processes (rank {rank})"
+
+
+def _deepspeed_state() -> None:
+    """DeepSpeed's own communication layer on gloo; the Trainer's DeepSpeed plugin joins it."""
     from accelerate import PartialState
 
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
@@ -38,7 +55,14 @@ def bootstrap_cpu_distributed(uses_deepspeed: bool) -> tuple[bool, str]:
         PartialState(backend="gloo")
     finally:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    return True, f"no CUDA: gloo process group for {os.environ['WORLD_SIZE']} process(es) (rank {os.environ['RANK']})"
+
+
+def _data_parallel_state() -> None:
+    """accelerate's MULTI_CPU state: `cpu=True` is what makes it multi-process (without it
+    accelerate types a CPU run as a single process, even with a process group)."""
+    from accelerate import PartialState
+
+    PartialState(cpu=True, backend="gloo")
 
 
 def finish_distributed() -> None:

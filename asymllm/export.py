@@ -33,7 +33,6 @@ How, in order (nothing is written before step 4):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -47,6 +46,7 @@ from pathlib import Path
 
 from .builtin import _make_readable
 from .checkpoint import AdapterFileError
+from .cli_args import ArgumentParser
 from .export_files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
 from .export_source import find_adapter_dir, read_adapter, resolve_base
 from .export_types import DTYPE_NAMES, DTYPES, ExportError, write_text
@@ -91,7 +91,7 @@ class ExportResult:
 
 
 def parse_args(argv: list[str] | None = None) -> ExportArgs:
-    parser = argparse.ArgumentParser(prog="asymllm export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="asymllm export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", required=True, help="adapter folder, run folder (uses its adapter/), or checkpoint-N/")
     parser.add_argument("--output", required=True, help="folder to write; refused if it exists and is not empty")
     parser.add_argument("--base", help="base model folder or name (default: the adapter's base_model_name_or_path)")

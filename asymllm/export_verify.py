@@ -5,7 +5,6 @@ loaded by peft with every tensor present."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from .export_files import write_adapter_folder
 from .export_source import AdapterSource
 from .export_types import DTYPE_NAMES, ExportError, read_json
 from .safetensors_io import BaseCheckpoint
-
-logger = logging.getLogger("asymllm.export")
 
 
 # fp32 check: merged and unmerged logits differ by rounding alone, which grows with the logits'
@@ -94,7 +91,7 @@ def verify_merged(merged_dir: str, base_dir: str, source: AdapterSource, dtype: 
         rule = (f"same argmax at every position but near-ties ({ties} positions where the reference's own top two "
                 f"logits are within {TIE_EPS} x eps({DTYPE_NAMES[dtype]}) x |top logit|)")
         result = Verification(DTYPE_NAMES[dtype], len(batches), positions, diff, mismatches, rule, mismatches == 0)
-    logger.info("verification %s", result.line())
+    # not logged here: `asymllm export` prints result.line() once, and a failure's ExportError carries it
     return result
 
 

@@ -69,7 +69,7 @@ def _training_lines(run: dict | None, source: AdapterSource) -> list[str]:
     dataset = data.get("dataset") or "asymllm built-in instruction data"
     held_out = data.get("eval_dataset") or ("built-in held-out set" if not data.get("dataset") else
                                             f"{data.get('eval_fraction')} of the training data" if data.get("eval_fraction") else "none")
-    steps = sft["max_steps"] if (sft.get("max_steps") or -1) > 0 else f"{sft.get('num_train_epochs')} epochs"
+    steps = f"{sft['max_steps']} steps" if (sft.get("max_steps") or -1) > 0 else f"{sft.get('num_train_epochs')} epochs"
     batch = (sft.get("per_device_train_batch_size") or 0) * (sft.get("gradient_accumulation_steps") or 1) * run.get("world_size", 1)
     return [f"- data: {dataset} (split {data.get('dataset_split')}); held out: {held_out}",
             f"- schedule: {steps}, learning rate {sft.get('learning_rate')}, global batch {batch}, "

@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .cli_args import ArgumentParser
 from .fingerprint import adapter_fingerprint, fingerprint_changes
 from .recipe import Recipe
 
@@ -47,7 +48,7 @@ class RunSpec:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="asymllm sweep", description="train and evaluate every recipe x rank x seed")
+    parser = ArgumentParser(prog="asymllm sweep", description="train and evaluate every recipe x rank x seed")
     parser.add_argument("--recipes", required=True, help="comma-separated recipe names or aliases")
     parser.add_argument("--ranks", default="16", help="comma-separated ranks")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")

@@ -8,6 +8,10 @@ import torch
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# peft's name for "every linear layer but the output head"; resolved here to leaf names so
+# the log, adapter_config.json and the resume check all see the same explicit list.
+ALL_LINEAR = "all-linear"
+
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
@@ -27,21 +31,49 @@ def default_targets(model_type: str) -> list[str]:
     )
 
 
-def linear_leaf_names(model: torch.nn.Module) -> list[str]:
-    """Last name component of every linear layer peft can adapt, e.g. 'q_proj'; the output head excluded."""
+def _linear_types() -> tuple[type, ...]:
     from transformers.pytorch_utils import Conv1D  # GPT-2 style linear layers
 
-    linear = (torch.nn.Linear, Conv1D)
-    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, linear)}
+    return (torch.nn.Linear, Conv1D)
+
+
+def linear_leaf_names(model: torch.nn.Module) -> list[str]:
+    """Last name component of every linear layer peft can adapt, e.g. 'q_proj'; the output head excluded."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, _linear_types())}
     names.discard("lm_head")
     return sorted(names)
 
 
+def all_linear_targets(model: torch.nn.Module) -> list[str]:
+    """`all-linear`: the leaf names of every linear layer inside the transformer blocks (the
+    classes transformers keeps whole, `_no_split_modules`), never the output head; a model
+    without that list gets every linear layer but the head, as peft does."""
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_classes] or [model]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is head} | {"lm_head"}
+    names = {name.rsplit(".", 1)[-1] for block in blocks for name, module in block.named_modules()
+             if isinstance(module, _linear_types()) and module is not head}
+    # peft matches leaf names anywhere in the model, so a name the head shares would adapt it too
+    names -= head_names
+    if not names:
+        raise TargetError(f"target_modules {ALL_LINEAR!r}: this {_model_type(model)} model has no linear layer in its "
+                          "transformer blocks; name the modules to adapt instead")
+    return sorted(names)
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+
+
 def resolve_targets(model: torch.nn.Module, target_modules) -> list[str] | str:
     """Explicit targets win; else the architecture's defaults. A list is checked against
-    the model's linear layers so a typo is an error here, not an empty adapter."""
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    the model's linear layers so a typo is an error here, not an empty adapter;
+    `all-linear` becomes the list of the transformer blocks' linear layers."""
+    model_type = _model_type(model)
     targets = target_modules if target_modules else default_targets(model_type)
+    if is_all_linear(targets):
+        return all_linear_targets(model)
     if isinstance(targets, str):
         return targets  # a regex: peft matches it against full names
     available = linear_leaf_names(model)
@@ -54,6 +86,18 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str] | str:
             f"its linear layers are {available}" + (f" ({hint})" if hint else "")
         )
     return list(targets)
+
+
+def is_all_linear(target_modules) -> bool:
+    """`all-linear` given alone, as a string or a one-element list (`--target_modules all-linear`)."""
+    if target_modules == ALL_LINEAR:
+        return True
+    if isinstance(target_modules, (list, tuple)) and ALL_LINEAR in target_modules:
+        if len(target_modules) > 1:
+            raise TargetError(f"target_modules {list(target_modules)}: {ALL_LINEAR!r} already means every linear layer "
+                              "of the transformer blocks; give it alone, or list the modules instead")
+        return True
+    return False
 
 
 def _matches_full_name(model: torch.nn.Module, target: str) -> bool:

@@ -2,7 +2,7 @@
 
     asymllm train                                   # built-in default: SmolLM2-135M + built-in data
     deepspeed launch/sft.py --recipe A_rand_hB_zero --deepspeed ds_configs/zero3.json ...
-    torchrun --nproc_per_node 8 launch/sft.py --config run.yaml --model meta-llama/Llama-2-7b-hf
+    torchrun --nproc_per_node 8 launch/sft.py --config launch/run.example.yaml --model meta-llama/Llama-2-7b-hf
 
 Order matters under ZeRO-3: the distributed bootstrap, then the SFTConfig (it activates
 the DeepSpeed config), then `from_pretrained` (which then loads the base partitioned),
@@ -26,13 +26,13 @@ from .data import DataError
 from .adapter import LoRASYMConfig, get_lorasym_model
 from .builtin import resolve_model
 from .checkpoint import AdapterFileError
-from .config import ConfigError, parse_train_args, uses_deepspeed
+from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
 from .distributed import bootstrap_cpu_distributed, finish_distributed
 from .init import InitError
 from .packing import PackingError, check_packing
 from .recipe import Recipe, RecipeError, describe
-from .targets import TargetError
-from .report import plot_loss_curve, write_run_record
+from .targets import TargetError, is_all_linear
+from .report import plot_loss_curve, write_run_card, write_run_record
 from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps, check_checkpoint_settings
 from .zero import count_parameters, rank_and_world
 
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(adapter_args, model_args, data_args, sft_config) -> dict:
-    recipe = Recipe.parse(adapter_args.recipe)
+    recipe = check_run_flags(adapter_args, data_args, sft_config)  # before anything loads: a typo costs no model load
+    if sft_config.disable_tqdm:
+        disable_library_progress_bars()
     sft_config.output_dir = sft_config.output_dir.format(recipe=recipe.name, lora_r=adapter_args.lora_r, seed=sft_config.seed)
     check_reporters(sft_config.report_to)
     # Before anything is loaded: a refusal should not cost a model load.
@@ -80,6 +82,8 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     model = get_lorasym_model(model, LoRASYMConfig(
         recipe=recipe, r=adapter_args.lora_r, lora_alpha=adapter_args.lora_alpha, lora_dropout=adapter_args.lora_dropout,
         target_modules=adapter_args.target_modules, use_rslora=adapter_args.use_rslora, seed=sft_config.seed))
+    logger.info("target modules%s: %s", " (all-linear)" if is_all_linear(adapter_args.target_modules) else "",
+                ", ".join(sorted(model.peft_config["default"].target_modules)))
     trainable, total = count_parameters(model)
     logger.info("recipe %s; trainable parameters %s of %s (%.3f%%)", describe(recipe), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
@@ -199,7 +203,7 @@ def load_model(model_path: str, sft_config, attn: str, tokenizer):
         raise ModelLoadError(f"--model {model_path}: cannot load ({first}); give a local folder or a hub name that is cached or reachable") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if sft_config.gradient_checkpointing:
+    if sft_config.activation_checkpointing:
         model.enable_input_require_grads()  # a frozen base gives checkpointed blocks no grad input otherwise
     return model
 
@@ -223,8 +227,9 @@ def run_settings(adapter_args, recipe: Recipe, seed: int) -> dict:
     """What a checkpoint must have been made with for this run to continue it, by flag. The
     target set only when given as a list; otherwise it is checked once peft has resolved it."""
     targets = adapter_args.target_modules
+    explicit = isinstance(targets, list) and not is_all_linear(targets)
     return {"--recipe": recipe.name, "--seed": seed, "--lora_r": adapter_args.lora_r, "--lora_alpha": adapter_args.lora_alpha,
-            "--use_rslora": adapter_args.use_rslora, "--target_modules": targets if isinstance(targets, list) else None}
+            "--use_rslora": adapter_args.use_rslora, "--target_modules": targets if explicit else None}
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:
@@ -262,28 +267,48 @@ def finish(trainer, sft_config, eval_set, result) -> dict:
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics["first_logged_loss"], metrics["last_logged_loss"] = (logged[0], logged[-1]) if logged else (None, None)
     if rank_and_world()[0] == 0:
-        plot_loss_curve(trainer.state.log_history, os.path.join(sft_config.output_dir, "loss_curve.png"))
+        curve = plot_loss_curve(trainer.state.log_history, os.path.join(sft_config.output_dir, "loss_curve.png"))
         with open(os.path.join(sft_config.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        print_next_steps(sft_config.output_dir, final_dir, metrics)
+        card = write_run_card(sft_config.output_dir)
+        print_next_steps(sft_config.output_dir, final_dir, metrics, written=[p for p in (curve, card) if p])
     return {**metrics, "adapter_dir": final_dir, "output_dir": sft_config.output_dir}
 
 
-def print_next_steps(output_dir: str, adapter_dir: str, metrics: dict) -> None:
+def print_next_steps(output_dir: str, adapter_dir: str, metrics: dict, written: list[str] = ()) -> None:
+    """The end-of-run summary; only files that exist are named (`written`: the optional ones)."""
     first, last = metrics["first_logged_loss"], metrics["last_logged_loss"]
+    record = os.path.join(output_dir, "asymllm_run.json")
+    optional = {os.path.basename(p): p for p in written if os.path.isfile(p)}
     lines = [
         "",
-        f"done: {metrics['steps']} steps; train loss {first:.4f} (first log) -> {last:.4f} (last log)" if first is not None else "done",
+        f"done: {metrics['steps']} steps; train loss {first:.4f} (first log) -> {last:.4f} (last log)" if first is not None
+        else f"done: {metrics['steps']} steps; train loss {metrics['train_loss']:.4f} (mean)",
         f"held-out loss: {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else None,
         f"adapter:    {adapter_dir}   (peft format; frozen factors included; recipe in lorasym.json)",
-        f"loss curve: {os.path.join(output_dir, 'loss_curve.png')}",
-        f"run record: {os.path.join(output_dir, 'asymllm_run.json')}",
+        f"loss curve: {optional['loss_curve.png']}" if "loss_curve.png" in optional else None,
+        f"model card: {optional['README.md']}" if "README.md" in optional else None,
+        f"run record: {record}" if os.path.isfile(record) else None,
         "next:",
         f"  asymllm eval alpaca --adapter {adapter_dir} --max_new_tokens 64    # held-out exact match, health figures",
         f"  asymllm eval mmlu --adapter {adapter_dir} --limit 10    # 10 questions per subject; drop --limit for all",
         f"  asymllm export --adapter {adapter_dir} --output {os.path.join(output_dir, 'merged')}",
     ]
     print("\n".join(line for line in lines if line is not None), flush=True)
+
+
+def disable_library_progress_bars() -> None:
+    """Without a terminal (output redirected to a file), the bars of model loading and dataset
+    maps become ever-growing lines; the Trainer's progress is then PlainProgress lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
 
 
 def _setup_logging() -> None:

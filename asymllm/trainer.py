@@ -8,7 +8,9 @@
    that the checkpoint was made with this run's recipe, seed and adapter shape, and that
    the frozen factors rebuilt here agree with it.
 3. What the user sees: loss-bearing tokens per second and the true trainable-parameter
-   count (ds_numel under ZeRO-3) in every log line.
+   count (ds_numel under ZeRO-3) in every log line; the last step always logged; plain
+   progress lines when the bars are off (stderr not a terminal); and asymllm's model card
+   in place of TRL's, which names no base model when it was loaded from a folder.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import time
 
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
 from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_file_key, save_adapter, verify_adapter_dir
 from .config import ConfigError
 from .recipe import Recipe
 from .recipe_file import RECIPE_FILE, read_recipe_file
+from .report import write_run_card
 from .zero import count_parameters, gathered
 
 logger = logging.getLogger(__name__)
@@ -37,7 +40,10 @@ class LorasymSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self._loss_tokens = 0
         self._last_log = None  # (time, tokens) at the previous log; set at the first step
-
+        self.add_callback(LogLastStep)
+        if self.args.disable_tqdm:  # PrinterCallback's raw dicts give neither the step count nor the time left
+            self.remove_callback(PrinterCallback)
+            self.add_callback(PlainProgress)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
@@ -63,6 +69,13 @@ class LorasymSFTTrainer(SFTTrainer):
         rate = (total - before[1]) / max(now - before[0], 1e-9)
         self._last_log = (now, total)
         return rate
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """TRL's card (written at every checkpoint) reads the base model from the config, which
+        for a local folder says None; asymllm's names the base, recipe, rank and data, or is
+        not written (a Trainer used outside `asymllm train` has no run record to take them from)."""
+        if self.is_world_process_zero():
+            write_run_card(self.args.output_dir)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Every rank enters (the gather is a collective); rank 0 writes and verifies."""
@@ -183,6 +196,48 @@ def _check_rebuilt_factors(frozen: dict, saved: dict, recipe: Recipe, seed, chec
 def _module_name(param_name: str) -> str:
     """'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight' -> 'model.layers.0.self_attn.q_proj'."""
     return param_name.split(".lora_")[0].removeprefix("base_model.model.")
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step's loss even when it falls between two logging_steps: a run shorter
+    than the interval would otherwise log no loss at all (and draw no loss curve)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.logging_strategy != "no" and (state.global_step >= state.max_steps or control.should_training_stop):
+            control.should_log = True
+        return control
+
+
+class PlainProgress(TrainerCallback):
+    """With the progress bars off, one plain line per log, as the bar would have shown it:
+    `step 40/500 (8%) | epoch 0.16 | loss 2.314 | ... | elapsed 0:01:02 | eta 0:11:53`."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.first_step = time.perf_counter(), state.global_step  # a resumed run starts past 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            logger.info(progress_line(state.global_step, state.max_steps, logs, *self._timing(state.global_step, state.max_steps)))
+
+    def _timing(self, step: int, max_steps: int) -> tuple[float | None, float | None]:
+        if not hasattr(self, "start"):
+            return None, None  # an evaluate() outside training
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first_step
+        return elapsed, (elapsed / done * (max_steps - step) if done > 0 else None)
+
+
+def progress_line(step: int, max_steps: int, logs: dict, elapsed: float | None, eta: float | None) -> str:
+    shown = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos"]
+    timing = [f"elapsed {_clock(elapsed)}" if elapsed is not None else None,
+              f"eta {_clock(eta)}" if eta is not None and step < max_steps else None]
+    head = f"step {step}/{max_steps} ({100 * step / max(max_steps, 1):.0f}%)"
+    return " | ".join([head, *shown, *filter(None, timing)])
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class StopAfterSteps(TrainerCallback):

@@ -52,7 +52,7 @@ PYEOF
 PRECISION=(--bf16 true)
 if [ "$DRY" = 1 ]; then
   echo "note: GPU_CHECK_CPU_DRY_RUN=1: a CPU plumbing check in fp32; no GPU figures"
-  PRECISION=(--bf16 false --gradient_checkpointing false)
+  PRECISION=(--bf16 false --activation_checkpointing false)
 elif [ "$ATTN" = sdpa ]; then
   echo "note: flash-attn is not installed (pip install 'asymllm[gpu]'), so sdpa: PyTorch runs its flash kernel"
   echo "      where no attention mask is needed; padded batches may get its memory-efficient kernel instead."
@@ -111,7 +111,7 @@ class Probe(TrainerCallback):
         result = {
             "gpu": torch.cuda.get_device_name(0) if CUDA else "none (CPU dry run)", "world_size": args.world_size,
             "attention": getattr(model.config, "_attn_implementation", "?"), "bf16": args.bf16, "zero_stage": stage,
-            "gradient_checkpointing": args.gradient_checkpointing,
+            "gradient_checkpointing": args.activation_checkpointing,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "steps": state.global_step, "timed_steps": state.global_step - WARMUP, "timed_seconds": seconds,
             "loss_tokens_timed": int(tokens.item()), "loss_tokens_per_s": tokens.item() / seconds,

@@ -1,8 +1,10 @@
 """Training entry point, thin on purpose: everything lives in asymllm.train.
 
     python launch/sft.py                                      # built-in default, one process
+    torchrun --nproc_per_node 8 launch/sft.py --recipe A_rand_hB_zero    # DDP (no --deepspeed)
+    accelerate launch --num_processes 8 launch/sft.py ...     # DDP too (without GPUs: add --multi_gpu)
     deepspeed --num_gpus 8 launch/sft.py --recipe A_rand_hB_zero --deepspeed ds_configs/zero3.json
-    torchrun --nproc_per_node 8 launch/sft.py --config run.yaml
+    torchrun --nproc_per_node 8 launch/sft.py --config launch/run.example.yaml
     deepspeed --hostfile launch/hostfile.example launch/sft.py --deepspeed ds_configs/zero3.json ...
 """
 

@@ -150,3 +150,38 @@ def test_rank_too_large_for_orthonormal_init_names_the_module(tiny_llama):
     # k_proj is 32 x 64 here (2 kv heads of 16): r=40 cannot be orthonormal.
     with pytest.raises(ValueError, match=r"k_proj.*r=40 exceeds min"):
         get_lorasym_model(tiny_llama, LoRASYMConfig(recipe="asym", r=40))
+
+
+# --- all-linear (peft's convention): every linear layer of the transformer blocks, never the head
+
+
+def _linear_names(model) -> set[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return {name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2"])
+@pytest.mark.parametrize("targets", ["all-linear", ["all-linear"]])  # the Python API's string, the CLI's one-element list
+def test_all_linear_adapts_every_linear_layer_of_the_blocks_and_never_the_head(arch, targets):
+    base = (GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32)) if arch == "gpt2"
+            else tiny_causal_lm(arch, seed=0))
+    expected = _linear_names(base) - {"lm_head"}
+    assert len(expected) == {"gpt2": 4, "llama": 7, "mistral": 7}[arch] * 2  # 2 blocks
+    model = get_lorasym_model(base, LoRASYMConfig(recipe="asym", r=2, target_modules=targets))
+    assert {name.removeprefix("base_model.model.") for name, _ in lora_layers(model)} == expected
+    assert "lm_head" not in {name.rsplit(".", 1)[-1] for name, _ in lora_layers(model)}
+    assert sorted(model.peft_config["default"].target_modules) == sorted({n.rsplit(".", 1)[-1] for n in expected})
+
+
+def test_all_linear_leaves_linear_layers_outside_the_blocks_alone(tiny_llama):
+    tiny_llama.model.projector = torch.nn.Linear(64, 64)  # e.g. a multimodal projector: not a transformer block
+    model = get_lorasym_model(tiny_llama, LoRASYMConfig(recipe="asym", r=2, target_modules="all-linear"))
+    adapted_names = {name for name, _ in lora_layers(model)}
+    assert len(adapted_names) == 7 * tiny_llama.config.num_hidden_layers
+    assert not any("projector" in name or "lm_head" in name for name in adapted_names)
+
+
+def test_all_linear_stands_alone(tiny_llama):
+    with pytest.raises(TargetError, match="'all-linear' already means every linear layer"):
+        get_lorasym_model(tiny_llama, LoRASYMConfig(recipe="asym", r=2, target_modules=["all-linear", "q_proj"]))

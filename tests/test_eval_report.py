@@ -42,8 +42,8 @@ def test_report_on_fake_runs(runs, tmp_path):
     lines = table.splitlines()
     assert lines[0].startswith("| run | MMLU micro (%) | win rate (%) | LC win rate (%) | exact match (%) | mean length")
     assert lines[2] == "| base | 24.5 ± 0.4 | 31.2 ± 4.0 | 35.5 ± 1.0 | 10.0 | 210.0 | 97.0 |"
-    assert lines[3] == "| A_rand_hB_zero | - | 55.0 ± 4.5 | 51.0 ± 1.0 | 62.5 | 40.5 | 100.0 |"
-    assert lines[4] == "| mmlu_only | 30.0 | - | - | - | - | - |"
+    assert lines[3] == "| A_rand_hB_zero | not run | 55.0 ± 4.5 | 51.0 ± 1.0 | 62.5 | 40.5 | 100.0 |"
+    assert lines[4] == "| mmlu_only | 30.0 | not run | not run | not run | not run | not run |"
     assert "- base: judge-x against dataset references" in table and "do not compare" not in table
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["run"] for r in result["rows"]] == ["base", "A_rand_hB_zero", "mmlu_only"]
@@ -60,9 +60,45 @@ def test_report_tolerates_nulls_and_refuses_empty_runs(tmp_path):
     summary["judge"], summary["exact_match"] = None, None
     _write(tmp_path / "plain", "alpaca_summary.json", summary)
     report.main([str(tmp_path / "plain"), "--output_dir", str(tmp_path / "r")])
-    assert "| plain | - | - | - | - | 10.0 | 50.0 |" in (tmp_path / "r" / "report.md").read_text()
+    assert "| plain | not run | not run | not run | not run | 10.0 | 50.0 |" in (tmp_path / "r" / "report.md").read_text()
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="neither mmlu.json nor alpaca_summary.json"):
         report.main([str(tmp_path / "empty"), "--output_dir", str(tmp_path / "r")])
     with pytest.raises(SystemExit, match="no such folder"):
         report.main([str(tmp_path / "missing")])
+
+
+@pytest.fixture
+def base_without_mmlu_and_zero_exact_match(tmp_path):
+    """The base model, evaluated with alpaca only and scoring exact match 0, beside a tuned run."""
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    _write(base, "alpaca_summary.json", _alpaca_summary(31.25, 4.0, 35.5, 0.0, 210.0, 0.97))
+    _write(tuned, "mmlu.json", {"micro": 0.3, "micro_stderr": 0.004, "macro": 0.31, "n": 570, "categories": {}, "subjects": {}})
+    _write(tuned, "alpaca_summary.json", _alpaca_summary(55.0, 4.5, 51.0, 0.5, 40.5, 1.0))
+    return [report.read_run(str(base)), report.read_run(str(tuned))]
+
+
+def _bar_marks(fig, run: str) -> dict[str, str | None]:
+    """metric label -> the text drawn at that run's bar (None: nothing drawn there)."""
+    from matplotlib.container import BarContainer
+
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    bars = next(c for c in ax.containers if isinstance(c, BarContainer) and c.get_label() == run)
+    texts = {round(t.get_position()[0], 6): t.get_text() for t in ax.texts}
+    return {label: texts.get(round(p.get_x() + p.get_width() / 2, 6)) for label, p in zip(labels, bars.patches)}
+
+
+def test_chart_tells_a_metric_not_run_from_a_zero(base_without_mmlu_and_zero_exact_match):
+    import matplotlib.pyplot as plt
+
+    fig = report.draw_report(base_without_mmlu_and_zero_exact_match)
+    base, tuned = _bar_marks(fig, "base"), _bar_marks(fig, "tuned")
+    plt.close(fig)
+    assert base["MMLU micro"] == "not run" and base["exact match"] == "0.0"
+    assert tuned["MMLU micro"] == "30.0" and tuned["exact match"] == "50.0" and base["win rate"] == "31.2"
+
+
+def test_table_tells_a_metric_not_run_from_a_zero(base_without_mmlu_and_zero_exact_match):
+    lines = report.report_markdown(base_without_mmlu_and_zero_exact_match).splitlines()
+    assert lines[2] == "| base | not run | 31.2 ± 4.0 | 35.5 ± 1.0 | 0.0 | 210.0 | 97.0 |"

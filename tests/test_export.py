@@ -8,6 +8,7 @@ atomic writes, the model card, the adapter-only export, and (slow) a real ZeRO-3
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -409,6 +410,17 @@ def test_cli_errors_are_one_line(adapter_dir, tmp_path, capsys):
     assert exit_info.value.code == 2  # argparse: invalid choice
 
 
+
+@pytest.mark.parametrize("flags", [["--dtype", "fp32"], ["--adapter_only"]])
+def test_cli_states_the_verification_once(adapter_dir, tmp_path, capsys, caplog, flags):
+    caplog.set_level(logging.INFO)
+    main(["--adapter", adapter_dir, "--output", str(tmp_path / "out"), *flags])
+    printed = capsys.readouterr()
+    said = [line for line in (printed.out + printed.err).splitlines() if "verification" in line]
+    said += [record.getMessage() for record in caplog.records if "verification" in record.getMessage()]
+    assert len(said) == 1 and "passed" in said[0], said
+
+
 QWEN2_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -510,7 +522,7 @@ def test_model_card_has_base_recipe_rank_data_and_evaluation(base_dir, tmp_path)
     assert card.startswith("---\nbase_model: ") and "library_name: transformers" in card
     for expected in (f"| base model | {base_dir} |", "A_rand_hB_zero: A init=rand frozen, B init=zero trained, seed 5",
                      f"| rank r | {R} |", f"| lora_alpha | {ALPHA} |", "8/4 = 2", "| adapted modules | 14 (",
-                     "my_instructions.jsonl", "0.1 of the training data", "300, learning rate 0.0002, global batch 16",
+                     "my_instructions.jsonl", "0.1 of the training data", "300 steps, learning rate 0.0002, global batch 16",
                      "DeepSpeed zero3.json", "train_loss 1.234", "eval_loss 1.5", "eval/mmlu.json: accuracy 0.4536",
                      "categories.stem 0.41", "Verification passed", "float32", "from_pretrained"):
         assert expected in card, expected

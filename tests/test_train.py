@@ -1,8 +1,13 @@
 """`asymllm train` in one process on a tiny local model: what a run leaves and what it refuses."""
 
+import contextlib
+import io
 import json
+import logging
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,3 +164,104 @@ def test_python_api_cli_and_readme_share_one_set_of_adapter_defaults():
     row = next(line for line in README.read_text().splitlines() if line.startswith("| `--lora_r`, `--lora_alpha`"))
     documented = [float(value) for value in row.split("|")[2].split(",")]
     assert documented == [16, 32, 0] == [api.r, api.lora_alpha, api.lora_dropout]
+
+
+# --- issue 15: a run shorter than the logging interval, the run's model card, what a log file shows
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def short_run(tiny_model_dir, tmp_path_factory):
+    """`--max_steps 3`, fewer than the logging interval, saving a checkpoint (TRL writes its
+    model card there); stdout, log lines and FutureWarnings kept."""
+    output_dir = tmp_path_factory.mktemp("short") / "out"
+    records, stdout = _Records(), io.StringIO()
+    package_logger = logging.getLogger("asymllm")
+    package_logger.addHandler(records)
+    level, package_logger.level = package_logger.level, logging.INFO  # as `asymllm train`'s own logging setup has it
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout):
+            warnings.simplefilter("always")
+            main(["--model", tiny_model_dir, "--output_dir", str(output_dir), "--max_steps", "3", "--logging_steps", "5",
+                  "--save_strategy", "steps", "--save_steps", "3", "--seed", str(SEED)])
+    finally:
+        package_logger.removeHandler(records)
+        package_logger.setLevel(level)
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    return output_dir, stdout.getvalue(), records.lines, future
+
+
+def test_short_run_logs_its_last_step_and_names_only_files_that_exist(short_run):
+    output_dir, stdout, _, _ = short_run
+    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [3]
+    assert re.search(r"^done: 3 steps; train loss \d+\.\d{4} \(first log\) -> \d+\.\d{4} \(last log\)$", stdout, re.M), stdout
+    named = re.findall(r"^(?:adapter|loss curve|model card|run record): +(\S+)", stdout, re.M)
+    assert len(named) == 4 and all(Path(p).exists() for p in named), (named, stdout)
+    assert (output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_does_not_name_a_loss_curve_it_did_not_draw(tiny_model_dir, tmp_path, capsys):
+    main(["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+          "--logging_strategy", "no", "--save_strategy", "no"])
+    out = capsys.readouterr().out
+    assert not (tmp_path / "out" / "loss_curve.png").exists() and "loss curve:" not in out, out
+    assert re.search(r"^done: 1 steps; train loss \d+\.\d{4} \(mean\)$", out, re.M), out
+
+
+def test_run_model_card_names_the_real_base_recipe_rank_and_data(short_run, tiny_model_dir):
+    output_dir = short_run[0]
+    card = (output_dir / "README.md").read_text()
+    assert "None" not in card, card
+    assert f"| base model | {tiny_model_dir} |" in card
+    assert "| recipe | A_rand_hB_zero: A init=rand frozen, B init=zero trained, seed 1234 |" in card
+    assert "| rank r | 16 |" in card and "| lora_alpha | 32.0 |" in card
+    assert "| target modules | down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj |" in card
+    assert "- data: asymllm built-in instruction data (split train); held out: built-in held-out set" in card
+    assert f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{tiny_model_dir}"), "{output_dir}/adapter")' in card
+    assert "## Results" in card and "steps 3" in card  # rewritten at the end, with metrics.json
+
+
+def test_a_trainer_used_outside_asymllm_train_writes_no_card_naming_none(tiny_model_dir, tmp_path):
+    from asymllm.report import write_run_card
+
+    assert write_run_card(str(tmp_path)) is None and not (tmp_path / "README.md").exists()
+
+
+def test_train_passes_no_deprecated_checkpointing_argument(short_run):
+    # transformers' TrainingArguments warning; peft 0.21's own read of the deprecated
+    # `is_gradient_checkpointing` property (in PeftModel.__init__) is peft's to change
+    future = short_run[3]
+    assert not [m for m in future if m.startswith("`gradient_checkpointing` is deprecated")], future
+
+
+def test_without_a_terminal_progress_is_plain_lines(short_run):
+    _, stdout, lines, _ = short_run
+    progress = [line for line in lines if line.startswith("step ")]
+    assert progress and re.match(r"step 3/3 \(100%\) \| loss \d", progress[0]), progress
+    assert re.search(r"\| elapsed \d+:\d\d:\d\d$", progress[0]) and "loss_tokens_per_s" in progress[0], progress[0]
+    assert "{'loss'" not in stdout  # PrinterCallback's raw dicts are replaced, not doubled
+
+
+# --- issue 15 item 4: --target_modules all-linear
+
+
+def test_all_linear_from_the_command_line_is_resolved_logged_and_resumable(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "out"
+    flags = ["--model", tiny_model_dir, "--output_dir", str(out), "--target_modules", "all-linear", "--max_steps", "2",
+             "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1"]
+    assert main([*flags, "--stop_after_steps", "1"])["stopped_at"] == 1
+    every_linear = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"  # of the blocks; lm_head never
+    assert f"target modules (all-linear): {every_linear}" in caplog.text
+    config = json.loads((out / "checkpoint-1" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == every_linear.split(", ")
+    assert main([*flags, "--resume_from_checkpoint", "auto"])["steps"] == 2  # the resume check sees the resolved list

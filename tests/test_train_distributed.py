@@ -1,5 +1,6 @@
 """`launch/sft.py` on several CPU processes, as a user launches it: torchrun with ZeRO-3,
-two torchrun "nodes" meeting on 127.0.0.1, and the deepspeed launcher with ZeRO-2.
+two torchrun "nodes" meeting on 127.0.0.1, the deepspeed launcher with ZeRO-2, and plain
+data parallel (DDP, no DeepSpeed) under torchrun, accelerate launch and the deepspeed launcher.
 
 Every run trains A_rand_hB_zero (A frozen) on a tiny Llama for 8 steps with seed 1234 and
 a global batch of 8, so that all of them must end with the same adapter:
@@ -9,16 +10,21 @@ a global batch of 8, so that all of them must end with the same adapter:
 - the final adapter and every checkpoint-N/ adapter are complete (the frozen A included:
   transformers' own ZeRO-3 save drops it) and reload identically, in asymllm and in plain peft;
 - 2 ranks x batch 4 (ZeRO-3) == 1 process x batch 8 (measured 4e-9), 2 nodes == 1 node
-  with 2 ranks (measured 0), deepspeed launcher ZeRO-2 == 1 process.
+  with 2 ranks (measured 0), deepspeed launcher ZeRO-2 == 1 process;
+- DDP: both ranks train as one job (accelerate's MULTI_CPU state, the model wrapped in
+  DistributedDataParallel) and the adapter rank 0 saves == the ZeRO-3 one (measured 3.3e-9 for each launcher).
 
-About 65 s on a quiet 2-core machine (a launch takes 7 s in one process, 17-18 s with 2
-ranks); the 1-process and ZeRO-3 runs are shared with tests/test_resume.py.
+About 120 s on a quiet 2-core machine (a launch takes 7 s in one process, 17-18 s with 2
+ranks); the 1-process and ZeRO-3 runs are shared with tests/test_resume.py. The Slurm
+script's check is fast (not marked slow).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -29,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dis
 import sft_runs as runs  # noqa: E402
 from asymllm import load_lorasym_model, verify_adapter_dir  # noqa: E402
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # every test that launches training; the fixtures run only for them
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +75,8 @@ def deepspeed_zero2(tmp_path_factory, model_dir):
     """The DeepSpeed launcher, as documented: `deepspeed --num_gpus 2 launch/sft.py ...`. On a
     machine without GPUs it still starts 2 local ranks (DeepSpeed's CPU accelerator)."""
     out = tmp_path_factory.mktemp("deepspeed_zero2") / "out"
-    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    command = [deepspeed, "--num_gpus", "2", "--master_port", str(runs.free_port()), runs.SFT,
-               "--model", model_dir, "--output_dir", str(out), *runs.COMMON,
-               "--per_device_train_batch_size", str(runs.GLOBAL_BATCH // 2),
-               "--deepspeed", str(runs.REPO / "ds_configs" / "zero2.json")]
+    command = runs.deepspeed_command(out, model_dir, "--per_device_train_batch_size", str(runs.GLOBAL_BATCH // 2),
+                                     "--deepspeed", str(runs.REPO / "ds_configs" / "zero2.json"))
     return runs.Run(out, runs.launch([command], out.parent, what="deepspeed launcher ZeRO-2"))
 
 
@@ -89,6 +92,7 @@ def _assert_trained_asymmetrically(tensors: dict, reference_A: dict, where: str)
 # ---- ZeRO-3, torchrun, 2 ranks
 
 
+@slow
 def test_zero3_base_and_adapter_really_partitioned(zero3):
     for rank in (0, 1):
         info = runs.probe_info(zero3, rank)
@@ -105,10 +109,12 @@ def test_zero3_base_and_adapter_really_partitioned(zero3):
         assert states["dp_world_size"] == 2
 
 
+@slow
 def test_zero3_frozen_A_bit_identical_and_every_B_trained(zero3, reference_A):
     _assert_trained_asymmetrically(runs.adapter_tensors(zero3.output_dir / "adapter"), reference_A, "ZeRO-3 adapter")
 
 
+@slow
 def test_zero3_adapter_and_every_checkpoint_complete(zero3, reference_A):
     """transformers saves ZeRO-3 PEFT checkpoints without frozen parameters; asymllm's must hold A."""
     final = runs.adapter_tensors(zero3.output_dir / "adapter")
@@ -129,6 +135,7 @@ def test_zero3_adapter_and_every_checkpoint_complete(zero3, reference_A):
     assert runs.max_abs_diff(mid, final) > 0, "checkpoint-4 already holds the final B"
 
 
+@slow
 def test_zero3_adapter_reloads_identically(zero3, model_dir):
     """asymllm's loader and plain peft give the file's tensors and the same logits."""
     from peft import PeftModel
@@ -152,6 +159,7 @@ def test_zero3_adapter_reloads_identically(zero3, model_dir):
     assert (ours_logits - without).abs().max() > 1e-4, "the trained adapter does not change the model"
 
 
+@slow
 def test_zero3_two_ranks_equal_one_process_with_the_same_global_batch(zero3, single, reference_A):
     one = runs.adapter_tensors(single.output_dir / "adapter")
     _assert_trained_asymmetrically(one, reference_A, "1-process adapter")
@@ -164,6 +172,7 @@ def test_zero3_two_ranks_equal_one_process_with_the_same_global_batch(zero3, sin
 # ---- 2 nodes on one machine
 
 
+@slow
 def test_two_node_rendezvous_matches_one_node(two_nodes, zero3, reference_A):
     assert two_nodes.launch.returncodes == [0, 0]
     assert runs.run_record(two_nodes.output_dir)["world_size"] == 2
@@ -179,6 +188,7 @@ def test_two_node_rendezvous_matches_one_node(two_nodes, zero3, reference_A):
 # ---- the deepspeed launcher, ZeRO-2
 
 
+@slow
 def test_deepspeed_launcher_zero2(deepspeed_zero2, single, reference_A):
     out = deepspeed_zero2.output_dir
     assert "done: 8 steps" in deepspeed_zero2.launch.log
@@ -191,3 +201,50 @@ def test_deepspeed_launcher_zero2(deepspeed_zero2, single, reference_A):
     _assert_trained_asymmetrically(tensors, reference_A, "ZeRO-2 adapter")
     diff = runs.max_abs_diff(tensors, runs.adapter_tensors(single.output_dir / "adapter"))
     assert diff <= 1e-5, f"deepspeed launcher ZeRO-2, 2 ranks vs 1 process: max abs diff {diff:.3g}"
+
+
+# ---- plain data parallel (DDP), no DeepSpeed: torchrun, accelerate launch, deepspeed launcher
+
+
+@slow
+@pytest.mark.parametrize("launcher", sorted(runs.DATA_PARALLEL_LAUNCHERS))
+def test_data_parallel_without_deepspeed_matches_zero3(launcher, tmp_path_factory, zero3, reference_A):
+    """Both ranks train one job (not two runs of their own) and rank 0 saves the same complete
+    adapter as ZeRO-3 with the same data, seed and global batch (2 ranks x 4)."""
+    run = runs.data_parallel(tmp_path_factory, launcher)
+    out = run.output_dir
+    expected_type = "MULTI_GPU" if torch.cuda.is_available() else "MULTI_CPU"
+    for rank in (0, 1):
+        assert runs.probe_info(run, rank)["train_end"] == {
+            "global_step": runs.MAX_STEPS, "world_size": 2, "distributed_type": expected_type,
+            "model_wrapped": "DistributedDataParallel"}, f"{launcher}: rank {rank}"
+    assert runs.run_record(out)["world_size"] == 2
+    assert f"done: {runs.MAX_STEPS} steps" in run.launch.log
+    for name in ("adapter", "checkpoint-4", "checkpoint-8"):
+        assert len(verify_adapter_dir(str(out / name))) == runs.N_TENSORS, f"{launcher}: {name}"
+        assert not any(p.name.startswith("global_step") for p in (out / name).iterdir()), f"{launcher}: DeepSpeed state in {name}"
+    tensors = runs.adapter_tensors(out / "adapter")
+    _assert_trained_asymmetrically(tensors, reference_A, f"{launcher} DDP adapter")
+    diff = runs.max_abs_diff(tensors, runs.adapter_tensors(zero3.output_dir / "adapter"))
+    print(f"{launcher} DDP vs torchrun ZeRO-3, 2 ranks x batch 4: max abs diff {diff:.3g}")
+    assert diff <= 1e-6, f"{launcher} DDP vs ZeRO-3, 2 ranks x batch 4 each: max abs diff {diff:.3g}"
+
+
+# ---- Slurm
+
+
+SLURM_SCRIPT = runs.REPO / "launch" / "slurm_sft.sbatch"
+SLURM_LOG_OPTION = re.compile(r"^#SBATCH\s+(?:--output|--error|-o|-e)[=\s]\s*(\S+)", re.MULTILINE)
+
+
+def test_slurm_script_parses_and_logs_where_a_fresh_clone_can_write():
+    """Slurm opens --output/--error (relative to the submit directory, the checkout) before the
+    script runs, so a folder in them must exist in a fresh clone: be tracked by git."""
+    subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], check=True)
+    logs = SLURM_LOG_OPTION.findall(SLURM_SCRIPT.read_text())
+    assert logs, "no #SBATCH --output line"
+    for log in logs:
+        folder = os.path.dirname(log)
+        if folder:
+            tracked = subprocess.run(["git", "ls-files", "--", folder], cwd=runs.REPO, capture_output=True, text=True, check=True)
+            assert tracked.stdout.strip(), f"#SBATCH --output={log}: {folder}/ is not in a fresh clone"

@@ -39,6 +39,7 @@ import os
 import sys
 
 from ..builtin import DEFAULT_MODEL
+from ..cli_args import ArgumentParser
 from ..data import DataError
 from ..fingerprint import fingerprint_record, model_fingerprint
 from .exact_match import exact_match
@@ -59,8 +60,8 @@ LC_METHOD = ("asymllm logistic fit of the preference on tanh(standardised length
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="asymllm eval alpaca", description="Alpaca-style generation, "
-                                     "health figures, exact match and a pairwise judge; resumable.")
+    parser = ArgumentParser(prog="asymllm eval alpaca", description="Alpaca-style generation, "
+                            "health figures, exact match and a pairwise judge; resumable.")
     model = parser.add_argument_group("model under evaluation")
     model.add_argument("--model", help=f"base model path or name (default: the adapter's base, else {DEFAULT_MODEL})")
     model.add_argument("--adapter", help="a LoRASYM adapter folder (e.g. RUN/adapter)")

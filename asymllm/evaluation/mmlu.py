@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ..builtin import DEFAULT_MODEL
+from ..cli_args import ArgumentParser
 from ..fingerprint import fingerprint_record
 from .loading import EvalModelError, evaluated_fingerprints, load_for_eval
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECTS, MMLUData, MMLUDataError, Question, load_mmlu, select_subjects
@@ -169,8 +170,8 @@ def _stderr(hits: list[bool]) -> float:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="asymllm eval mmlu", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="asymllm eval mmlu", description=__doc__.split("\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model under evaluation")
     model.add_argument("--model", help=f"base model path or name (default: the adapter's base, else {DEFAULT_MODEL})")
     model.add_argument("--adapter", help="a LoRASYM adapter folder, applied unmerged through peft")

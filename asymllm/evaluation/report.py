@@ -3,7 +3,8 @@
     asymllm eval report outputs/eval/base outputs/eval/lora outputs/eval/A_rand_hB_zero --output_dir outputs/eval/report
 
 Each RUN_DIR is an evaluation output folder holding mmlu.json (`asymllm eval mmlu`) and/or
-alpaca_summary.json (`asymllm eval alpaca`); a missing file leaves its columns empty. Writes
+alpaca_summary.json (`asymllm eval alpaca`); a figure a run lacks reads "not run", in the table
+and on the chart, where every bar carries its value (so a measured 0 reads 0.0). Writes
 report.md (run, MMLU micro ± its standard error, win rate ± standard error, LC win rate, exact match, mean output
 length, stopped-with-EOS share, with each run's judge and reference listed under the table:
 win rates against different references or judges do not compare) and report.png (grouped
@@ -20,6 +21,8 @@ import math
 import os
 import sys
 
+from ..cli_args import ArgumentParser
+
 logger = logging.getLogger("asymllm.eval.report")
 
 # (label in the chart, key in a run's row, key of its error bar)
@@ -27,12 +30,17 @@ CHART_METRICS = [("MMLU micro", "mmlu_micro", "mmlu_micro_se"), ("win rate", "wi
                  ("LC win rate", "lc_win_rate", "lc_win_rate_se"), ("exact match", "exact_match", None)]
 
 
+# A figure a run lacks (its evaluation was not run, or ran without a judge or references). It must
+# read differently from a measured 0: on the chart both would be a bar of no height.
+NOT_RUN = "not run"
+
+
 class ReportError(ValueError):
     pass
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="asymllm eval report", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="asymllm eval report", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="evaluation output folders")
     parser.add_argument("--output_dir", default=os.path.join("outputs", "eval", "report"))
     return parser.parse_args(argv)
@@ -98,7 +106,7 @@ def _number(value) -> bool:
 
 def _pct(value, se=None) -> str:
     if not _number(value):
-        return "-"
+        return NOT_RUN
     return f"{value:.1f}" + (f" ± {se:.1f}" if _number(se) else "")
 
 
@@ -115,11 +123,23 @@ def report_markdown(rows: list[dict]) -> str:
         if len({(r["judge"], r["reference"]) for r in judged}) > 1:
             lines.append("- (judges or references differ: those win rates do not compare)")
     lines += ["", "LC win rate: asymllm's logistic length control (asymllm/evaluation/winrate.py), "
-                  "in the spirit of alpaca_eval's length_controlled_v1, not equal to it."]
+                  "in the spirit of alpaca_eval's length_controlled_v1, not equal to it.",
+              f"{NOT_RUN}: the run has no such figure (that evaluation was not run on it, or ran without a judge "
+              "or references); 0.0 is a measured zero."]
     return "\n".join(lines) + "\n"
 
 
 def plot_report(rows: list[dict], path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = draw_report(rows)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_report(rows: list[dict]):
+    """The chart as a matplotlib Figure (plot_report saves it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,13 +153,23 @@ def plot_report(rows: list[dict], path: str) -> str:
         values = [row[key] if _number(row[key]) else math.nan for _, key, _ in metrics]
         errors = [row[err] if err and _number(row[err]) else 0.0 for _, _, err in metrics]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=row["run"])
+        for x, value, error in zip(xs, values, errors):
+            _label_bar(ax, x, value, error)
     ax.set_xticks(range(len(metrics)), [label for label, _, _ in metrics])
     ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 115)  # room for the labels over bars near 100
+    ax.set_yticks(range(0, 101, 20))
     ax.axhline(50, color="grey", lw=0.5, ls=":")  # a win rate's tie; not a line for MMLU or exact match
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def _label_bar(ax, x: float, value: float, error: float) -> None:
+    """Every bar's figure over it, and NOT_RUN in grey italics where the run has none: a zero bar
+    and a missing one both have no height, so only the label tells them apart."""
+    if math.isnan(value):
+        ax.text(x, 1, NOT_RUN, rotation=90, ha="center", va="bottom", fontsize="x-small", color="grey", style="italic")
+    else:
+        ax.text(x, value + error + 1, f"{value:.1f}", rotation=90, ha="center", va="bottom", fontsize="x-small")

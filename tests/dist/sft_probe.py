@@ -4,7 +4,9 @@ command line is exactly launch/sft.py's (launched the same ways: python, torchru
     ASYMLLM_PROBE_DIR=DIR        every rank writes DIR/rank{r}.json: what it holds locally of
                                  the base and adapter weights right after the adapter is built
                                  (base loaded by from_pretrained under ZeRO-3) and at train begin
-                                 (after deepspeed.initialize partitioned the LoRA factors too)
+                                 (after deepspeed.initialize partitioned the LoRA factors too),
+                                 and at train end how it trained (steps, world size,
+                                 accelerate's distributed type, the wrapper around the model)
     ASYMLLM_PERTURB_FROZEN=EPS   add N(0, EPS^2) noise (fixed generator, same on every rank)
                                  to every *frozen* LoRA factor, at the moment
     ASYMLLM_PERTURB_FROZEN_AT=   `build` (the default): right after the adapter is built, a
@@ -98,10 +100,27 @@ class _ProbeAtTrainBegin(TrainerCallback):
         _write_info()
 
 
+class _ProbeAtTrainEnd(TrainerCallback):
+    """Proof that this rank took part in data-parallel training, not a run of its own."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_end(self, args, state, control, **kwargs):
+        _info["train_end"] = {
+            "global_step": state.global_step,
+            "world_size": args.world_size,
+            "distributed_type": str(self.trainer.accelerator.distributed_type.value),
+            "model_wrapped": type(self.trainer.model_wrapped).__name__,
+        }
+        _write_info()
+
+
 class ProbedTrainer(train_module.LorasymSFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(_ProbeAtTrainBegin())
+        self.add_callback(_ProbeAtTrainEnd(self))
 
 
 train_module.get_lorasym_model = get_lorasym_model_probed

@@ -1,5 +1,6 @@
 """Launching real `launch/sft.py` training runs from tests: one process, torchrun (one or
-several "nodes" on 127.0.0.1), the deepspeed launcher; plus what the tests compare.
+several "nodes" on 127.0.0.1), the deepspeed launcher, accelerate launch; plus what the
+tests compare.
 
 Imported by tests/test_train_distributed.py and tests/test_resume.py (both put this folder
 on sys.path). Runs that both files need (the uninterrupted single-process and 2-rank
@@ -145,6 +146,23 @@ def torchrun_command(output_dir, model_dir, *extra, nproc=2, port=None, node_arg
             script, "--model", model_dir, "--output_dir", str(output_dir), *COMMON, *extra]
 
 
+def deepspeed_command(output_dir, model_dir, *extra, nproc=2, script=SFT) -> list[str]:
+    """`deepspeed --num_gpus N script ...`; without GPUs it still starts N local ranks (DeepSpeed's CPU accelerator)."""
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [deepspeed, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            script, "--model", model_dir, "--output_dir", str(output_dir), *COMMON, *extra]
+
+
+def accelerate_command(output_dir, model_dir, *extra, nproc=2, script=SFT) -> list[str]:
+    """`accelerate launch --multi_gpu`, accelerate's torchrun path. With GPUs, --num_processes > 1
+    alone selects it; without, it must be named. Every setting is passed, so no accelerate
+    config file of the machine's user takes part."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            script, "--model", model_dir, "--output_dir", str(output_dir), *COMMON, *extra]
+
+
 # ---- reading what a run left
 
 
@@ -221,6 +239,22 @@ def uninterrupted_zero3(tmp_path_factory) -> Run:
                         what="torchrun 2 ranks ZeRO-3")
         return Run(out, result)
     return shared("uninterrupted_zero3", make)
+
+
+DATA_PARALLEL_LAUNCHERS = {"torchrun": torchrun_command, "accelerate": accelerate_command, "deepspeed": deepspeed_command}
+
+
+def data_parallel(tmp_path_factory, launcher: str) -> Run:
+    """2 ranks of plain data parallel (DDP, no --deepspeed), batch 4 per rank: the ZeRO-3 run's
+    global batch; through sft_probe.py, which records how each rank trained."""
+    def make():
+        out = tmp_path_factory.mktemp("ddp_" + launcher) / "out"
+        command = DATA_PARALLEL_LAUNCHERS[launcher](out, tiny_model_dir(tmp_path_factory),
+                                                    "--per_device_train_batch_size", str(GLOBAL_BATCH // 2), script=PROBE)
+        result = launch([command], out.parent, env=base_env(ASYMLLM_PROBE_DIR=out.parent / "probe"),
+                        what=f"{launcher} 2 ranks DDP")
+        return Run(out, result)
+    return shared(f"data_parallel:{launcher}", make)
 
 
 def probe_info(run: Run, rank: int) -> dict:
