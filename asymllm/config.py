@@ -124,7 +124,11 @@ def parse_train_args(argv: list[str] | None = None, use_configured_state: bool =
         read_yaml_config(argv)  # clear errors for a missing or malformed file, before TRL opens it
     try:
         return parser.parse_args_and_config(args=argv)
-    except ValueError as error:  # unknown flags, or unknown keys in the YAML file
+    except ValueError as error:  # unknown flags, or a value SFTConfig refuses
+        if "support bf16" in str(error):  # transformers' refusal names neither the flag nor the way out
+            raise ConfigError("--bf16 true: this machine cannot train in bf16 (transformers allows it only on a GPU "
+                              "that supports it); pass --bf16 false, or drop bf16 from the --config file"
+                              f"{_suggest_flags(parser, argv)}") from None
         raise ConfigError(f"{error}{_suggest_flags(parser, argv)}") from None
 
 

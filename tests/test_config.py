@@ -164,3 +164,16 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, tty, disabled):
     sft_config, _ = _parse_quietly(["--disable_tqdm", "false"])  # asked for: kept
     assert sft_config.disable_tqdm is False
 
+
+
+def test_bf16_on_a_machine_without_it_names_the_flag_to_pass(tmp_path):
+    # The example config is for GPU clusters (bf16: true); on a CPU transformers' own refusal
+    # ("Your setup doesn't support bf16/gpu") names neither the flag nor the way out.
+    from asymllm.config import ConfigError, parse_train_args
+
+    config = tmp_path / "gpu.yaml"
+    config.write_text("bf16: true\n")
+    with pytest.raises(ConfigError) as refused:
+        parse_train_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
+    assert str(refused.value).startswith("--bf16 true: this machine cannot train in bf16"), str(refused.value)
+    assert "--bf16 false" in str(refused.value)
