@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -200,7 +201,7 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
              lambda v: _is_number(v) and v > 0)
     _require(adapter_args.lora_dropout, "--lora_dropout", "a probability in [0, 1), e.g. 0 or 0.05",
              lambda v: _is_number(v) and 0 <= v < 1)
-    _check_target_modules(adapter_args.target_modules)
+    adapter_args.target_modules = _check_target_modules(adapter_args.target_modules)
     _require(sft_config.learning_rate, "--learning_rate", "a positive number (e.g. 1e-3 for adapters)",
              lambda v: _is_number(v) and v > 0)
     _require(sft_config.max_length, "--max_length", "a positive integer number of tokens (e.g. 512 or 2048)",
@@ -226,9 +227,14 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_target_modules(targets) -> None:
+def _check_target_modules(targets):
+    """The targets as train() passes them on: checked, and a bare module name from a YAML file
+    (a string there, where a flag gives a list) made a list of one. A string peft would read as
+    a regex over full names, which a bare name like q_proj never matches."""
     if targets is None:
-        return
+        return None
+    if isinstance(targets, str) and targets != ALL_LINEAR and re.fullmatch(r"[A-Za-z0-9_]+", targets):
+        targets = [targets]
     names = [targets] if isinstance(targets, str) else list(targets)
     shown = " ".join(map(str, names))
     if not names or any(not isinstance(n, str) or not n.strip() for n in names):
@@ -238,3 +244,4 @@ def _check_target_modules(targets) -> None:
     if ALL_LINEAR in names and len(names) > 1:
         raise ConfigError(f"--target_modules {shown}: {ALL_LINEAR} already means every linear layer of the transformer "
                           "blocks; give it alone, or list the modules")
+    return targets

@@ -177,3 +177,17 @@ def test_bf16_on_a_machine_without_it_names_the_flag_to_pass(tmp_path):
         parse_train_args(["--config", str(config), "--output_dir", str(tmp_path / "out")])
     assert str(refused.value).startswith("--bf16 true: this machine cannot train in bf16"), str(refused.value)
     assert "--bf16 false" in str(refused.value)
+
+
+def test_a_single_module_name_in_a_config_file_is_a_list_of_one(tmp_path):
+    # YAML `target_modules: q_proj` is a string, which peft would take as a regex over full
+    # module names ("q_proj" matches none of "model.layers.0.self_attn.q_proj"): the run would
+    # fail only after the model loaded. A bare module name means that module.
+    from asymllm.config import check_run_flags, parse_train_args
+
+    config = tmp_path / "run.yaml"
+    for value, expected in (("q_proj", ["q_proj"]), ("all-linear", "all-linear"), ("'.*\\.q_proj'", ".*\\.q_proj")):
+        config.write_text(f"target_modules: {value}\n")
+        adapter_args, _, data_args, sft_config = parse_train_args(["--config", str(config), "--output_dir", str(tmp_path / "o")])
+        check_run_flags(adapter_args, data_args, sft_config)
+        assert adapter_args.target_modules == expected, value
