@@ -12,11 +12,12 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _PUBLIC = {
-    "ALIASES": "recipe", "Recipe": "recipe", "RecipeError": "recipe",
-    "LoRASYMConfig": "adapter", "apply_recipe": "adapter", "get_lorasym_model": "adapter", "lora_layers": "adapter",
-    "AdapterFileError": "checkpoint", "load_lorasym_model": "checkpoint", "save_adapter": "checkpoint",
-    "verify_adapter_dir": "checkpoint",
-    "merge_lorasym": "merge",
+    "ALIASES": "adapters.recipe", "Recipe": "adapters.recipe", "RecipeError": "adapters.recipe",
+    "LoRASYMConfig": "adapters.model", "apply_recipe": "adapters.model", "get_lorasym_model": "adapters.model",
+    "lora_layers": "adapters.model",
+    "AdapterFileError": "adapters.files", "load_lorasym_model": "adapters.files", "save_adapter": "adapters.files",
+    "verify_adapter_dir": "adapters.files",
+    "merge_lorasym": "adapters.merge",
     "count_parameters": "zero",
 }
 

@@ -3,21 +3,22 @@
     asymllm recipes            the grammar and the named aliases
     asymllm train [flags]      fine-tune with a LoRASYM adapter (see asymllm train --help)
     asymllm demo               a LoRASYM adapter on the built-in model, end to end
+    asymllm eval <task>        mmlu, alpaca, report (see asymllm/evaluation/command.py)
 """
 
 from __future__ import annotations
 
 import sys
 
+from .adapters.recipe import ALIASES, GRAMMAR, Recipe, describe
 from .dispatch import dispatch
-from .recipe import ALIASES, GRAMMAR, Recipe, describe
 
 COMMANDS = {
     "recipes": ("asymllm.cli", "recipes_main", "list the recipe grammar and aliases"),
-    "train": ("asymllm.train", "main", "supervised fine-tuning with a LoRASYM adapter (built-in default without flags)"),
-    "eval": ("asymllm.evaluation.cli", "main", "evaluate: mmlu, alpaca (generation + judge), report"),
+    "train": ("asymllm.training.train", "main", "supervised fine-tuning with a LoRASYM adapter (built-in default without flags)"),
+    "eval": ("asymllm.evaluation.command", "main", "evaluate: mmlu, alpaca (generation + judge), report"),
     "sweep": ("asymllm.sweep", "main", "train + evaluate every recipe x rank x seed; table and plot"),
-    "export": ("asymllm.export", "main", "merge an adapter into its base (plain transformers folder) or re-save it for serving"),
+    "export": ("asymllm.export.command", "main", "merge an adapter into its base (plain transformers folder) or re-save it for serving"),
     "demo": ("asymllm.demo", "main", "adapter demo on the built-in model"),
 }
 

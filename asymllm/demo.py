@@ -15,12 +15,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .adapter import DEFAULT_LORA_ALPHA, DEFAULT_LORA_R, LoRASYMConfig, get_lorasym_model
+from .adapters.files import save_adapter
+from .adapters.merge import merge_lorasym
+from .adapters.model import DEFAULT_LORA_ALPHA, DEFAULT_LORA_R, LoRASYMConfig, get_lorasym_model
+from .adapters.recipe import Recipe, describe
 from .builtin import resolve_model
-from .checkpoint import save_adapter
 from .cli_args import ArgumentParser
-from .merge import merge_lorasym
-from .recipe import Recipe, describe
 from .zero import count_parameters
 
 SENTENCES = [

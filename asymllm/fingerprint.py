@@ -83,8 +83,8 @@ def _edges_sha256(path: str) -> str:
 
 def adapter_fingerprint(folder: str) -> dict:
     """The adapter's files, hashed whole (adapters are small next to their models)."""
-    from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from .recipe_file import RECIPE_FILE
+    from .adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from .adapters.recipe_file import RECIPE_FILE
 
     files = {name: (json_record if name.endswith(".json") else file_record)(os.path.join(folder, name))
              for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE)

@@ -27,9 +27,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from .adapters.recipe import Recipe
 from .cli_args import ArgumentParser
 from .fingerprint import adapter_fingerprint, fingerprint_changes
-from .recipe import Recipe
 
 logger = logging.getLogger("asymllm.sweep")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

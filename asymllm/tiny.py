@@ -134,7 +134,7 @@ def randomize_lora_B(model, std: float, seed: int) -> None:
     """Set every adapter's B to N(0, std^2) noise, as if trained: with B = 0 (its init) an
     adapter changes nothing, so tests and benchmarks of merge, export and evaluation would
     pass whether or not the adapter is applied."""
-    from .adapter import lora_layers
+    from .adapters.model import lora_layers
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

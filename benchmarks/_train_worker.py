@@ -5,7 +5,7 @@
 
 Variants (same model, data, rank, batch and SFTConfig values; see SFT_VALUES):
 
-- asymllm: `asymllm.train.main(argv)`, the real entry point (`asymllm train` / launch/sft.py),
+- asymllm: `asymllm.training.train.main(argv)`, the real entry point (`asymllm train` / launch/sft.py),
   recipe A_rand_hB_zero. Its trainer class is swapped for a subclass that adds only the
   measurement below.
 - peer: plain `trl.SFTTrainer(model=AutoModelForCausalLM, peft_config=LoraConfig(...))` on
@@ -175,7 +175,7 @@ def sft_flags(values: dict) -> list[str]:
 
 
 def run_asymllm(args, values: dict) -> None:
-    import asymllm.train as train_module
+    import asymllm.training.train as train_module
 
     class MeasuredLorasym(Measured, train_module.LorasymSFTTrainer):
         bench_warmup = args.warmup
@@ -195,7 +195,9 @@ def run_peer(args, values: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from asymllm import data as data_lib
+    from asymllm.data import load_examples
+    from asymllm.tokenizer import ensure_chat_template, ensure_pad_token
+    from asymllm.training.tokenize import tokenize_examples
     from asymllm.distributed import bootstrap_cpu_distributed, finish_distributed
 
     class MeasuredSFT(Measured, SFTTrainer):
@@ -208,10 +210,10 @@ def run_peer(args, values: dict) -> None:
     try:
         config = SFTConfig(output_dir=os.path.join(args.out, "run"), deepspeed=args.deepspeed, **values, **extra)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        data_lib.ensure_chat_template(tokenizer)
-        data_lib.ensure_pad_token(tokenizer)
-        examples, _ = data_lib.load_examples(args.dataset)
-        train_set, _ = data_lib.tokenize_examples(examples, tokenizer, config.max_length, config.truncation_mode)
+        ensure_chat_template(tokenizer)
+        ensure_pad_token(tokenizer)
+        examples, _ = load_examples(args.dataset)
+        train_set, _ = tokenize_examples(examples, tokenizer, config.max_length, config.truncation_mode)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
         model.config.pad_token_id = tokenizer.pad_token_id
         lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,

@@ -35,7 +35,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-IMPORTS_ONLY = ("import torch, transformers, safetensors; import asymllm.export; import peft.utils.other; "
+IMPORTS_ONLY = ("import torch, transformers, safetensors; import asymllm.export.command; import peft.utils.other; "
                 "from transformers import AutoTokenizer, AutoModelForCausalLM")
 # The child reports its own VmHWM (peak RSS of its process image) as it exits. Not the parent's
 # ru_maxrss from wait4: at exec the kernel folds the old address space's high-water mark into the

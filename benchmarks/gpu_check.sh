@@ -62,12 +62,12 @@ fi
 WRAPPER=$(mktemp --suffix=_gpu_check.py)
 trap 'rm -f "$WRAPPER"' EXIT
 cat > "$WRAPPER" <<'PYEOF'
-"""asymllm.train.main with a measuring trainer: loss tokens/s and peak CUDA memory of the timed steps."""
+"""asymllm.training.train.main with a measuring trainer: loss tokens/s and peak CUDA memory of the timed steps."""
 import json, os, sys, time
 sys.path.insert(0, os.getcwd())
 import torch
 from transformers import TrainerCallback
-import asymllm.train as train_module
+import asymllm.training.train as train_module
 
 WARMUP = int(os.environ["GPU_CHECK_WARMUP"])
 RESULT_FILE = os.environ["GPU_CHECK_RESULT"]

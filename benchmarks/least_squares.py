@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from asymllm.init import haar_orthonormal  # noqa: E402
+from asymllm.adapters.init import haar_orthonormal  # noqa: E402
 
 SETTINGS = ("isotropic", "rank-r inputs", "power-law inputs", "target on weak inputs")
 STRONG_STD = 100.0

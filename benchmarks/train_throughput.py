@@ -7,7 +7,7 @@ Run from the repository root:
 Two variants, same model, data, rank, batch and SFTConfig values, measured by the same code
 (benchmarks/_train_worker.py):
 
-- asymllm A_rand_hB_zero r=16: `asymllm.train.main` (what `asymllm train` runs);
+- asymllm A_rand_hB_zero r=16: `asymllm.training.train.main` (what `asymllm train` runs);
 - peer: plain `trl.SFTTrainer(model=..., peft_config=LoraConfig(r=16, lora_alpha=32))`
   on the same tokenized dataset (asymllm.data.tokenize_examples).
 

@@ -1,4 +1,4 @@
-"""Training entry point, thin on purpose: everything lives in asymllm.train.
+"""Training entry point, thin on purpose: everything lives in asymllm.training.train.
 
     python launch/sft.py                                      # built-in default, one process
     torchrun --nproc_per_node 8 launch/sft.py --recipe A_rand_hB_zero    # DDP (no --deepspeed)
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, installed or not
 
-from asymllm.train import main  # noqa: E402
+from asymllm.training.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from asymllm import LoRASYMConfig, count_parameters, get_lorasym_model, lora_layers
-from asymllm.recipe import RecipeError
-from asymllm.targets import LLAMA_LIKE, TargetError
+from asymllm.adapters.recipe import RecipeError
+from asymllm.adapters.targets import LLAMA_LIKE, TargetError
 from asymllm.tiny import tiny_causal_lm
 
 R = 4

@@ -19,11 +19,12 @@ import types
 
 import pytest
 
-from asymllm.chat import IGNORE_INDEX, Example, encode_example
+from asymllm.training.tokenize import IGNORE_INDEX, encode_example
+from asymllm.data import Example
 from asymllm.evaluation import alpaca
-from asymllm.evaluation.exact_match import exact_match
+from asymllm.evaluation.metrics import exact_match
 from asymllm.evaluation.generation import GenerationSettings, encode_prompt, generate, prepare_tokenizer
-from asymllm.evaluation.health import health_figures, repetition_rate
+from asymllm.evaluation.metrics import health_figures, repetition_rate
 from asymllm.evaluation.instructions import load_instructions
 from asymllm.evaluation.judge import HTTPJudge, JudgeError, LocalJudge, judge_pairs, judge_prompt, model_goes_first, preference
 from asymllm.evaluation.winrate import length_controlled_win_rate, win_rate

@@ -9,7 +9,9 @@ import math
 import pytest
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from asymllm.chat import DEFAULT_CHAT_TEMPLATE, IGNORE_INDEX, DataError, Example, ensure_pad_token, tokenize_examples
+from asymllm.tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_pad_token
+from asymllm.training.tokenize import IGNORE_INDEX, tokenize_examples
+from asymllm.data import DataError, Example
 from asymllm.tiny import tiny_causal_lm, tiny_corpus, tiny_tokenizer
 
 GPT2_EOS = "<|endoftext|>"  # GPT-2's only special token: BOS, EOS and UNK at once
@@ -66,7 +68,7 @@ def test_gpt2_like_tokenizer_pads_with_an_existing_token():
 
 
 def test_gpt2_like_tokenizer_trains_end_to_end(gpt2_like_dir, tmp_path):
-    from asymllm.train import main
+    from asymllm.training.train import main
 
     result = main(["--model", gpt2_like_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "2",
                    "--logging_steps", "1", "--save_strategy", "no", "--per_device_eval_batch_size", "64"])
@@ -80,8 +82,8 @@ def test_eos_keeps_loss_in_the_batches_the_trainer_collates(gpt2_like_dir, tmp_p
     from transformers import AutoModelForCausalLM
 
     from asymllm.data import BUILTIN_DATASET, load_examples
-    from asymllm.train import load_tokenizer
-    from asymllm.trainer import LorasymSFTTrainer
+    from asymllm.training.train import load_tokenizer
+    from asymllm.training.trainer import LorasymSFTTrainer
 
     tokenizer = load_tokenizer(gpt2_like_dir)
     eos = tokenizer.eos_token_id
@@ -138,8 +140,8 @@ def test_unknown_truncation_mode_names_the_flag_and_the_choices():
 
 def test_truncation_mode_flag_reaches_the_tokenized_training_data(tmp_path):
     """`--truncation_mode keep_end` on the command line: train.load_data passes it through."""
-    from asymllm.config import parse_train_args
-    from asymllm.train import load_data
+    from asymllm.training.config import parse_train_args
+    from asymllm.training.train import load_data
 
     conversation = example("first question here", "first answer", "second question", "second answer")
     data = tmp_path / "chat.jsonl"

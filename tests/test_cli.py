@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from asymllm import cli
-from asymllm.evaluation import cli as eval_cli
+from asymllm.evaluation import command as eval_cli
 
 
 def test_help_lists_every_command(capsys):
@@ -96,7 +96,7 @@ def test_flags_after_a_bare_double_dash_and_abbreviations_are_left_to_argparse(c
 def test_readme_names_every_recipe_alias():
     from pathlib import Path
 
-    from asymllm.recipe import ALIASES
+    from asymllm.adapters.recipe import ALIASES
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     recipes_section = " ".join(readme.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0].split())  # unwrapped

@@ -15,9 +15,9 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
 
 import sft_runs as runs  # noqa: E402
-from asymllm.config import ConfigError, parse_train_args  # noqa: E402
+from asymllm.training.config import ConfigError, parse_train_args  # noqa: E402
 from asymllm.tiny import save_tiny_model  # noqa: E402
-from asymllm.train import main  # noqa: E402
+from asymllm.training.train import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "launch" / "run.example.yaml"
@@ -63,7 +63,7 @@ def test_example_config_parses_with_every_key_applied():
     """Parsed as `launch/sft.py --config launch/run.example.yaml` parses it (the distributed
     bootstrap first: the file asks for ZeRO-3), in a fresh process with a world of one."""
     written = yaml.safe_load(EXAMPLE.read_text())
-    code = ("import json, sys; from asymllm.config import parse_train_args, uses_deepspeed; "
+    code = ("import json, sys; from asymllm.training.config import parse_train_args, uses_deepspeed; "
             "from asymllm.distributed import bootstrap_cpu_distributed, finish_distributed; "
             "argv = sys.argv[1:]; done, _ = bootstrap_cpu_distributed(uses_deepspeed(argv)); "
             "parsed = parse_train_args(argv, use_configured_state=done); "
@@ -169,7 +169,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch, tty, disabled):
 def test_bf16_on_a_machine_without_it_names_the_flag_to_pass(tmp_path):
     # The example config is for GPU clusters (bf16: true); on a CPU transformers' own refusal
     # ("Your setup doesn't support bf16/gpu") names neither the flag nor the way out.
-    from asymllm.config import ConfigError, parse_train_args
+    from asymllm.training.config import ConfigError, parse_train_args
 
     config = tmp_path / "gpu.yaml"
     config.write_text("bf16: true\n")
@@ -183,7 +183,7 @@ def test_a_single_module_name_in_a_config_file_is_a_list_of_one(tmp_path):
     # YAML `target_modules: q_proj` is a string, which peft would take as a regex over full
     # module names ("q_proj" matches none of "model.layers.0.self_attn.q_proj"): the run would
     # fail only after the model loaded. A bare module name means that module.
-    from asymllm.config import check_run_flags, parse_train_args
+    from asymllm.training.config import check_run_flags, parse_train_args
 
     config = tmp_path / "run.yaml"
     for value, expected in (("q_proj", ["q_proj"]), ("all-linear", "all-linear"), ("'.*\\.q_proj'", ".*\\.q_proj")):

@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from asymllm.data import (
-    BUILTIN_DATASET,
-    BUILTIN_HELDOUT,
-    DEFAULT_CHAT_TEMPLATE,
-    IGNORE_INDEX,
-    DataError,
-    Example,
-    ensure_chat_template,
-    ensure_pad_token,
-    load_examples,
-    split_heldout,
-    tokenize_examples,
-)
+from asymllm.data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, Example, load_examples, split_heldout
+from asymllm.tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, ensure_pad_token
+from asymllm.training.tokenize import IGNORE_INDEX, tokenize_examples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -442,8 +432,8 @@ def train_and_heldout_sizes(tokenizer, **flags) -> tuple[int, int]:
     """Examples asymllm train would train on and hold out, for these data flags."""
     from types import SimpleNamespace
 
-    from asymllm.config import DataArguments
-    from asymllm.train import load_data
+    from asymllm.training.config import DataArguments
+    from asymllm.training.train import load_data
 
     flags = {k: str(v) if isinstance(v, Path) else v for k, v in flags.items()}
     train_set, eval_set = load_data(DataArguments(**flags), tokenizer, SimpleNamespace(seed=0, max_length=64, truncation_mode="keep_start"))
@@ -458,7 +448,7 @@ def test_eval_split_of_a_local_file_with_named_splits(tmp_path, tiny_chat_tokeni
 
 
 def test_evaluating_on_the_training_split_is_refused(tmp_path, tiny_chat_tokenizer, monkeypatch):
-    from asymllm.config import ConfigError
+    from asymllm.training.config import ConfigError
 
     path = tmp_path / "splits.json"
     path.write_text(json.dumps(NAMED_SPLITS))
@@ -475,7 +465,7 @@ def test_evaluating_on_the_training_split_is_refused(tmp_path, tiny_chat_tokeniz
     ("wrapped.json", json.dumps({"data": ALPACA, "test": ALPACA[:1]})),  # 'data' wins over the split name
 ])
 def test_a_single_split_file_as_both_is_refused_with_a_pointer_to_eval_fraction(tmp_path, tiny_chat_tokenizer, name, content):
-    from asymllm.config import ConfigError
+    from asymllm.training.config import ConfigError
 
     path = tmp_path / name
     path.write_text(content)

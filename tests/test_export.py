@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from asymllm import LoRASYMConfig, get_lorasym_model, load_lorasym_model, save_adapter
-from asymllm.export import ExportError, export, main, parse_size
+from asymllm.export.command import ExportError, export, main, parse_size
 from asymllm.tiny import randomize_lora_B, save_tiny_model
 
 R, ALPHA, SEED = 4, 8, 5
@@ -118,7 +118,7 @@ def test_merged_logits_match_the_adapter_model_fp32(merged_fp32, base_dir, adapt
 
 
 def test_a_wrong_merge_fails_verification_and_leaves_nothing(adapter_dir, tmp_path, monkeypatch):
-    import asymllm.export as export_module
+    import asymllm.export.command as export_module
 
     original = export_module.plan_merge
 
@@ -159,7 +159,7 @@ def test_fp32_check_passes_a_correct_merge_with_large_logits(large_logits_base, 
 
 def wrong_merge(monkeypatch, change):
     """export's plan_merge with `change(plan)` applied: a merge that is wrong in a known way."""
-    import asymllm.export as export_module
+    import asymllm.export.command as export_module
 
     original = export_module.plan_merge
 
@@ -628,7 +628,7 @@ def test_zero3_checkpoint_exports_from_its_file_and_from_its_shards_alone(zero3_
 
 def fake_zero_checkpoint(tmp_path, adapter_dir, keep_config=True, ds_config=None):
     """checkpoint-N/ as plain transformers leaves it under ZeRO-3: shards of the trained B only."""
-    import asymllm.zero_checkpoint as zc
+    import asymllm.export.zero_checkpoint as zc
 
     checkpoint = tmp_path / "run" / "checkpoint-2"
     (checkpoint / "global_step2").mkdir(parents=True)

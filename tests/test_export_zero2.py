@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist"))
 import sft_runs as runs  # noqa: E402  (launching, ports and the environment of every distributed test)
 
-from asymllm.export import export  # noqa: E402
-from asymllm.zero_checkpoint import rebuild_adapter  # noqa: E402
+from asymllm.export.command import export  # noqa: E402
+from asymllm.export.zero_checkpoint import rebuild_adapter  # noqa: E402
 
 WORKER = str(runs.REPO / "tests" / "dist" / "zero2_mixed_precision_worker.py")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

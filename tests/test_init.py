@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from asymllm.init import InitError, haar_orthonormal, init_factor, kaiming_like_peft, module_seed
+from asymllm.adapters.init import InitError, haar_orthonormal, init_factor, kaiming_like_peft, module_seed
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asymllm.init import haar_orthonormal
+from asymllm.adapters.init import haar_orthonormal
 
 REPO = Path(__file__).resolve().parents[1]
 DT = torch.float64

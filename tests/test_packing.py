@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asymllm import packing
-from asymllm.packing import check_packing, packed_batch, packed_vs_separate, packing_is_exact
+from asymllm.training import packing
+from asymllm.training.packing import check_packing, packed_batch, packed_vs_separate, packing_is_exact
 from asymllm.tiny import save_tiny_model, tiny_causal_lm
 
 LENGTHS = (7, 3, 11, 5)

@@ -3,7 +3,7 @@
 import pytest
 
 from asymllm import Recipe, RecipeError
-from asymllm.recipe import ALIASES, Factor
+from asymllm.adapters.recipe import ALIASES, Factor
 
 
 def test_headline_recipe_means_A_random_frozen_B_zero_trained():

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dis
 
 import sft_runs as runs  # noqa: E402
 from asymllm import verify_adapter_dir  # noqa: E402
-from asymllm.train import main  # noqa: E402
+from asymllm.training.train import main  # noqa: E402
 
 slow = pytest.mark.slow  # the multi-process drills; the checks at the end run in this process, in seconds
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from asymllm import AdapterFileError, LoRASYMConfig, get_lorasym_model, load_lorasym_model, lora_layers, merge_lorasym
-from asymllm.merge import MergeError
+from asymllm.adapters.merge import MergeError
 from asymllm.tiny import tiny_causal_lm
 from test_adapter import R, train_steps
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from asymllm import LoRASYMConfig, get_lorasym_model, load_lorasym_model, lora_layers, verify_adapter_dir
-from asymllm.config import AdapterArguments
+from asymllm.training.config import AdapterArguments
 from asymllm.tiny import save_tiny_model
-from asymllm.train import main
+from asymllm.training.train import main
 from transformers import AutoModelForCausalLM
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -231,7 +231,7 @@ def test_run_model_card_names_the_real_base_recipe_rank_and_data(short_run, tiny
 
 
 def test_a_trainer_used_outside_asymllm_train_writes_no_card_naming_none(tiny_model_dir, tmp_path):
-    from asymllm.report import write_run_card
+    from asymllm.training.report import write_run_card
 
     assert write_run_card(str(tmp_path)) is None and not (tmp_path / "README.md").exists()
 
@@ -265,3 +265,27 @@ def test_all_linear_from_the_command_line_is_resolved_logged_and_resumable(tiny_
     config = json.loads((out / "checkpoint-1" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == every_linear.split(", ")
     assert main([*flags, "--resume_from_checkpoint", "auto"])["steps"] == 2  # the resume check sees the resolved list
+
+
+class _ReachedTrainability(Exception):
+    pass
+
+
+def test_the_recipe_is_parsed_once_on_its_way_to_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    """`--recipe NAME` becomes a Recipe at the entry point; everything downstream gets that
+    object (the count is taken when set_recipe_trainability is reached, then the run stops)."""
+    import asymllm.adapters.model as model_module
+    from asymllm.adapters.recipe import Recipe
+
+    calls, parse = [], Recipe.parse.__func__
+    monkeypatch.setattr(Recipe, "parse", classmethod(lambda cls, name: calls.append(name) or parse(cls, name)))
+
+    def reached(model, recipe, adapter_name="default"):
+        raise _ReachedTrainability(list(calls), recipe)
+
+    monkeypatch.setattr(model_module, "set_recipe_trainability", reached)
+    with pytest.raises(_ReachedTrainability) as stop:
+        main(["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--recipe", "b_only", "--max_steps", "1"])
+    parsed, recipe = stop.value.args
+    assert parsed == ["b_only"]
+    assert isinstance(recipe, Recipe) and recipe.name == "A_rand_hB_zero"

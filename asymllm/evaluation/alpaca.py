@@ -42,12 +42,12 @@ from ..builtin import DEFAULT_MODEL
 from ..cli_args import ArgumentParser
 from ..data import DataError
 from ..fingerprint import fingerprint_record, model_fingerprint
-from .exact_match import exact_match
 from .generation import GenerationError, GenerationSettings, generate
-from .health import health_figures
 from .instructions import InstructionsError, load_instructions, read_model_outputs, write_model_outputs
 from .judge import DEFAULT_MAX_CHARS, JUDGE_TEMPLATE, JudgeError, check_judge_spec, judge_pairs, make_judge
 from .loading import EvalModelError, evaluated_fingerprints, load_for_eval
+from .metrics import exact_match
+from .metrics import health_figures
 from .resume import ResumeError, ResumeLog
 from .winrate import length_controlled_win_rate, win_rate
 

@@ -5,7 +5,7 @@
         ...   # a list of {key, output, n_tokens, stopped} per batch, as each batch finishes
 
 Prompts: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`, encoded
-without special tokens (the template writes any BOS itself), exactly as asymllm.chat does
+without special tokens (the template writes any BOS itself), exactly as asymllm.training.tokenize does
 in training; SmolLM2's template injects its default system prompt there as it does here.
 Batches are left-padded (new tokens then start at the same position in every row) and
 `generate` gets the tokenizer's eos_token_id and pad_token_id explicitly, so decoding stops
@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from ..chat import ensure_chat_template
+from ..tokenizer import ensure_chat_template
 from .instructions import Instruction
 
 

@@ -9,8 +9,8 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..adapters.files import adapter_base_model, load_lorasym_model
 from ..builtin import resolve_model
-from ..checkpoint import adapter_base_model, load_lorasym_model
 from ..fingerprint import adapter_fingerprint, model_fingerprint
 
 logger = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the checkout
 
-import asymllm.train as train_module  # noqa: E402
+import asymllm.training.train as train_module  # noqa: E402
 from asymllm.zero import gathered, is_partitioned, true_shape  # noqa: E402
 
 PROBE_MODULE = "model.layers.0.self_attn.q_proj"

@@ -30,8 +30,8 @@ def main(model_dir: str, out_dir: str, precision: str, stage: str) -> None:
 
     from asymllm import LoRASYMConfig, get_lorasym_model
     from asymllm.distributed import finish_distributed
-    from asymllm.recipe_file import write_recipe_file
-    from asymllm.checkpoint import peft_file_key
+    from asymllm.adapters.recipe_file import write_recipe_file
+    from asymllm.adapters.files import peft_file_key
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from .builtin import resolve_model
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, verify_adapter_dir
-from .export_types import ExportError
-from .recipe import Recipe
-from .recipe_file import read_recipe_file
+from ..adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, verify_adapter_dir
+from ..adapters.recipe import Recipe
+from ..adapters.recipe_file import read_recipe_file
+from ..builtin import resolve_model
+from ..run_record import RUN_RECORD
+from .common import ExportError
 from .safetensors_io import BaseCheckpoint
-from .zero_checkpoint import RUN_RECORD, has_deepspeed_shards, rebuild_adapter
+from .zero_checkpoint import has_deepspeed_shards, rebuild_adapter
 
 logger = logging.getLogger("asymllm.export")
 

@@ -12,10 +12,10 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter_dir
-from .export_types import DTYPE_NAMES, ExportError, write_text
-from .recipe import Recipe
-from .recipe_file import RECIPE_FILE, write_recipe_file
+from ..adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, verify_adapter_dir
+from ..adapters.recipe import Recipe
+from ..adapters.recipe_file import RECIPE_FILE, write_recipe_file
+from .common import DTYPE_NAMES, ExportError, write_text
 from .safetensors_io import BaseCheckpoint
 
 logger = logging.getLogger("asymllm.export")

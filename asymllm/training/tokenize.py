@@ -1,7 +1,7 @@
 """Conversations into token ids with response-only labels, through the tokenizer's chat template.
 
-    from asymllm.chat import Example, ensure_chat_template, ensure_pad_token, tokenize_examples
-    ensure_pad_token(tokenizer); ensure_chat_template(tokenizer)
+    from asymllm.training.tokenize import tokenize_examples
+    # first: asymllm.tokenizer.ensure_pad_token(tokenizer), ensure_chat_template(tokenizer)
     dataset, report = tokenize_examples(examples, tokenizer, max_length=512)  # truncation_mode="keep_end" too
     # dataset columns: input_ids, labels (-100 where no loss); report.summary() for the log
 
@@ -26,50 +26,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from ..data import DataError, Example
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy (and transformers' loss) skips
-ROLES = ("system", "user", "assistant")
-
-# ChatML with the tokenizer's EOS closing every turn: for tokenizers whose EOS is
-# <|im_end|> this is exactly ChatML; for others (e.g. "</s>") assistant turns still end
-# with EOS, so the tuned model stops where generation expects it to.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Tokens that exist in common vocabularies for padding (or are never part of chat data),
-# in order of preference; when none is distinct from EOS, EOS itself pads (see ensure_pad_token).
-PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>")
 
 # TRL's SFTConfig.truncation_mode values: keep the first max_length tokens, or the last.
 TRUNCATION_MODES = ("keep_start", "keep_end")
-
-
-class DataError(ValueError):
-    """Unusable training data; the message names the file, the line (or row) and the field."""
-
-
-@dataclass
-class Example:
-    """One conversation, normalised: roles in ROLES, ending with an assistant turn."""
-
-    messages: list[dict]
-    source: str  # "file:line" for text files, "name[row]" for parquet and hub datasets
-    meta: dict = field(default_factory=dict)  # the record's other fields (e.g. the built-in data's "task")
-
-    @property
-    def prompt_messages(self) -> list[dict]:
-        """Everything before the final response: what a generation is conditioned on."""
-        return self.messages[:-1]
-
-    @property
-    def response(self) -> str:
-        """The final assistant turn's content: the reference answer."""
-        return self.messages[-1]["content"]
 
 
 @dataclass
@@ -114,57 +78,6 @@ class TokenizeReport:
 def _sample(sources: list[str], shown: int = 3) -> str:
     more = f", ... ({len(sources)} in all)" if len(sources) > shown else ""
     return ", ".join(sources[:shown]) + more
-
-
-def ensure_pad_token(tokenizer) -> str:
-    """Give the tokenizer a pad token from its own vocabulary; returns what it did, for the log.
-
-    Never adds a token: a new id would lie past the model's embeddings (IndexError at the
-    first padded batch) unless they were resized, which also changes what gets saved.
-
-    A token distinct from EOS is preferred (collators that mask padding *by id* would mask
-    every EOS too, and the tuned model would never learn to stop: trap 8). When the
-    vocabulary has none (GPT-2 style: bos = eos = unk), EOS pads, and that is safe here:
-    our dataset carries its own `labels` column, and TRL's DataCollatorForLanguageModeling
-    (what SFTTrainer uses for it) takes those labels as they are and pads them with -100 *by
-    position*, padding only input_ids with the pad id; padding_free masks by position too
-    (position_ids == 0). It never rebuilds labels from input_ids, so no EOS loses its loss
-    (checked in tests/test_chat.py on the batches the trainer collates).
-    """
-    eos_id = tokenizer.eos_token_id
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != eos_id:
-        return f"pad token: kept {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}), distinct from EOS"
-    vocab = tokenizer.get_vocab()
-    avoid = {eos_id, tokenizer.bos_token_id}  # BOS starts sequences; a pad may be masked wherever it appears
-    candidates = [*PAD_CANDIDATES, tokenizer.unk_token]
-    for token in candidates:
-        if token is not None and vocab.get(token) is not None and vocab[token] not in avoid:
-            tokenizer.pad_token = token
-            eos = tokenizer.eos_token
-            return f"pad token: set to the existing {token!r} (id {vocab[token]}), distinct from EOS {eos!r}"
-    fallback = next((t for t in (tokenizer.eos_token, tokenizer.unk_token) if t is not None and t in vocab), None)
-    if fallback is None:
-        raise DataError("the tokenizer has no pad, EOS or UNK token to pad with; set tokenizer.pad_token to a token of its vocabulary")
-    tokenizer.pad_token = fallback
-    return (
-        f"pad token: no token distinct from EOS in the vocabulary; padding with the existing {fallback!r} "
-        f"(id {tokenizer.pad_token_id}), which keeps EOS in the loss: labels mask padding by position (-100), not by id"
-    )
-
-
-def ensure_chat_template(tokenizer) -> str:
-    """Keep the tokenizer's chat template, or install DEFAULT_CHAT_TEMPLATE; returns what it did."""
-    if tokenizer.chat_template:
-        return "chat template: kept the tokenizer's own"
-    if tokenizer.eos_token is None:
-        raise DataError(
-            "the tokenizer has neither a chat template nor an EOS token; give it one (tokenizer.eos_token = ...)"
-        )
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return (
-        f"chat template: the tokenizer has none; installed the default ChatML-style one "
-        f"(every turn ends with {tokenizer.eos_token!r})"
-    )
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None, truncation_mode: str = "keep_start"):

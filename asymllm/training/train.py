@@ -21,20 +21,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import data as data_lib
-from .data import DataError
-from .adapter import LoRASYMConfig, get_lorasym_model
-from .builtin import resolve_model
-from .checkpoint import AdapterFileError
+from ..adapters.files import AdapterFileError
+from ..adapters.init import InitError
+from ..adapters.model import LoRASYMConfig, get_lorasym_model
+from ..adapters.recipe import Recipe, RecipeError, describe
+from ..adapters.targets import TargetError, is_all_linear
+from ..builtin import resolve_model
+from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, load_examples, split_heldout
+from ..distributed import bootstrap_cpu_distributed, finish_distributed
+from ..records import source_identity, split_read
+from ..run_record import write_run_record
+from ..tokenizer import ensure_chat_template, ensure_pad_token
+from ..zero import count_parameters, rank_and_world
 from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
-from .distributed import bootstrap_cpu_distributed, finish_distributed
-from .init import InitError
 from .packing import PackingError, check_packing
-from .recipe import Recipe, RecipeError, describe
-from .targets import TargetError, is_all_linear
-from .report import plot_loss_curve, write_run_card, write_run_record
+from .report import plot_loss_curve, write_run_card
+from .tokenize import tokenize_examples
 from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps, check_checkpoint_settings
-from .zero import count_parameters, rank_and_world
 
 logger = logging.getLogger("asymllm.train")
 
@@ -125,45 +128,45 @@ def load_tokenizer(model_path: str):
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"--model {model_path}: cannot load its tokenizer ({first})") from None
-    logger.info(data_lib.ensure_chat_template(tokenizer))
-    logger.info(data_lib.ensure_pad_token(tokenizer))
+    logger.info(ensure_chat_template(tokenizer))
+    logger.info(ensure_pad_token(tokenizer))
     return tokenizer
 
 
 def load_data(data_args, tokenizer, sft_config):
     """Tokenized train and held-out sets (input_ids + labels), with every skip reported."""
-    source = data_args.dataset or data_lib.BUILTIN_DATASET
-    eval_source = data_args.eval_dataset or (data_lib.BUILTIN_HELDOUT if data_args.dataset is None else None)
+    source = data_args.dataset or BUILTIN_DATASET
+    eval_source = data_args.eval_dataset or (BUILTIN_HELDOUT if data_args.dataset is None else None)
     if eval_source:
         check_heldout_is_not_training_data(data_args, source, eval_source)
-    examples, skips = data_lib.load_examples(source, split=data_args.dataset_split)
+    examples, skips = load_examples(source, split=data_args.dataset_split)
     logger.info("data: %d examples; %s", len(examples), skips.summary())
     held_out = []
     if eval_source:
-        held_out, eval_skips = data_lib.load_examples(eval_source, split=data_args.eval_split)
+        held_out, eval_skips = load_examples(eval_source, split=data_args.eval_split)
         logger.info("held-out: %d examples; %s", len(held_out), eval_skips.summary())
     elif data_args.eval_fraction > 0:
-        examples, held_out = data_lib.split_heldout(examples, data_args.eval_fraction, seed=sft_config.seed)
+        examples, held_out = split_heldout(examples, data_args.eval_fraction, seed=sft_config.seed)
         logger.info("held out %d of the examples (--eval_fraction %s)", len(held_out), data_args.eval_fraction)
     cut = {"max_length": sft_config.max_length, "truncation_mode": sft_config.truncation_mode}
-    train_set, report = data_lib.tokenize_examples(examples, tokenizer, **cut)
+    train_set, report = tokenize_examples(examples, tokenizer, **cut)
     logger.info("train tokens: %s", report.summary())
     eval_set = None
     if held_out:
-        eval_set, eval_report = data_lib.tokenize_examples(held_out, tokenizer, **cut)
+        eval_set, eval_report = tokenize_examples(held_out, tokenizer, **cut)
         logger.info("held-out tokens: %s", eval_report.summary())
     return train_set, eval_set
 
 
 def check_heldout_is_not_training_data(data_args, source: str, eval_source: str) -> None:
     """A held-out loss on the training examples looks like a fine result and means nothing."""
-    if data_lib.source_identity(eval_source) != data_lib.source_identity(source):
+    if source_identity(eval_source) != source_identity(source):
         return
-    train_split = data_lib.split_read(source, data_args.dataset_split)
+    train_split = split_read(source, data_args.dataset_split)
     if train_split is None:
         raise ConfigError(f"--eval_dataset {eval_source} is the --dataset file, and it has no named splits, so it would hold out "
                           "the training examples themselves; use --eval_fraction to hold out part of it, or give another --eval_dataset")
-    if data_lib.split_read(eval_source, data_args.eval_split) == train_split:
+    if split_read(eval_source, data_args.eval_split) == train_split:
         raise ConfigError(f"--eval_dataset {eval_source} --eval_split {data_args.eval_split} is the training data "
                           f"(--dataset {source} --dataset_split {data_args.dataset_split}); choose another --eval_split "
                           "(default: test) or use --eval_fraction")

@@ -90,7 +90,7 @@ def packing_is_exact(attn_implementation: str) -> tuple[bool, str]:
 def _self_check(attn_implementation: str) -> float:
     from transformers import AutoModelForCausalLM
 
-    from .tiny import tiny_config
+    from ..tiny import tiny_config
 
     generator = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()  # a [14, 32] model runs 1000x faster on one thread than on two busy ones

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .export_source import AdapterSource
-from .export_types import DTYPE_NAMES, PREFIX, WEIGHTS_INDEX, ExportError, write_text
+from .common import DTYPE_NAMES, PREFIX, WEIGHTS_INDEX, ExportError, write_text
 from .safetensors_io import BaseCheckpoint, BaseReader, SafetensorsStreamWriter
+from .source import AdapterSource
 
 logger = logging.getLogger("asymllm.export")
 

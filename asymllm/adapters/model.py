@@ -18,11 +18,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from ..zero import broadcast_from_rank0, gathered, is_partitioned, true_shape
 from .init import init_factor, module_seed
 from .recipe import Recipe, RecipeError
 from .recipe_file import record_recipe_on_save
 from .targets import resolve_targets
-from .zero import broadcast_from_rank0, gathered, is_partitioned, true_shape
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ class LoRASYMConfig:
             raise RecipeError("give either recipe= or update_rule=, not both")
         if self.update_rule is not None:
             return Recipe.from_update_rule(self.update_rule)
+        if isinstance(self.recipe, Recipe):  # parsed once, at the entry point: passed down as it is
+            self.recipe.validate(source=self.recipe.name)
+            return self.recipe
         return Recipe.parse(self.recipe if self.recipe is not None else "asym")
 
     def to_lora_config(self, target_modules) -> LoraConfig:
@@ -95,7 +98,8 @@ def lora_layers(model: torch.nn.Module, adapter_name: str = "default") -> Iterat
 
 def apply_recipe(model: PeftModel, recipe: Recipe | str, seed: int, adapter_name: str = "default") -> None:
     """Initialise A and B of every adapted module as the recipe says, and freeze what it freezes."""
-    recipe = Recipe.parse(recipe)
+    if not isinstance(recipe, Recipe):  # a name, from Python callers; get_lorasym_model passes a Recipe
+        recipe = Recipe.parse(recipe)
     layers = list(lora_layers(model, adapter_name))
     if not layers:
         raise ValueError(f"the model has no LoRA layers for adapter {adapter_name!r}")

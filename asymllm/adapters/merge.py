@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
-from .zero import is_partitioned
+from ..zero import is_partitioned
 
 
 class MergeError(RuntimeError):

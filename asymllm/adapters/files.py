@@ -17,9 +17,9 @@ from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
-from .adapter import set_recipe_trainability
+from ..zero import gathered, rank_and_world
+from .model import set_recipe_trainability
 from .recipe_file import read_recipe_file, record_recipe_on_save
-from .zero import gathered, rank_and_world
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

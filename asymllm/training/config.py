@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from trl import SFTConfig
 
-from .adapter import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
-from .recipe import Recipe, RecipeError
-from .targets import ALL_LINEAR
+from ..adapters.model import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
+from ..adapters.recipe import Recipe, RecipeError
+from ..adapters.targets import ALL_LINEAR
 
 
 class ConfigError(ValueError):

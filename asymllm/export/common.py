@@ -1,9 +1,8 @@
 """What every part of `asymllm export` shares: its error, the dtypes it writes, the peft key
-prefix and the file names of a sharded checkpoint, and two small file helpers."""
+prefix and the file names of a sharded checkpoint, and a small file helper."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -21,11 +20,3 @@ class ExportError(RuntimeError):
 def write_text(directory: str, name: str, text: str) -> None:
     with open(os.path.join(directory, name), "w") as f:
         f.write(text)
-
-
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None

@@ -25,12 +25,12 @@ from safetensors.torch import load_file
 from transformers import PrinterCallback, TrainerCallback
 from trl import SFTTrainer
 
-from .checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_file_key, save_adapter, verify_adapter_dir
+from ..adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_file_key, save_adapter, verify_adapter_dir
+from ..adapters.recipe import Recipe
+from ..adapters.recipe_file import RECIPE_FILE, read_recipe_file
+from ..zero import count_parameters, gathered
 from .config import ConfigError
-from .recipe import Recipe
-from .recipe_file import RECIPE_FILE, read_recipe_file
 from .report import write_run_card
-from .zero import count_parameters, gathered
 
 logger = logging.getLogger(__name__)
 

@@ -1,85 +1,13 @@
-"""What a run leaves behind for people: its resolved configuration, its loss curve and its
-model card."""
+"""What a run leaves behind for people: its loss curve and its model card (README.md).
+
+The run record itself (asymllm_run.json) is asymllm.run_record: export reads it too."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import glob
-import json
 import os
-import subprocess
-import sys
-from importlib import metadata
 
-PACKAGES = ("asymllm", "torch", "transformers", "peft", "trl", "deepspeed", "accelerate", "datasets", "flash-attn")
-
-
-def package_versions() -> dict[str, str | None]:
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def git_commit() -> str | None:
-    """The commit of the asymllm checkout, with '+dirty' when it has uncommitted changes."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
-                     resumed_from: str | None = None) -> str | None:
-    """asymllm_run.json: everything needed to know what ran (rank 0 writes). A resumed run
-    keeps the earlier invocations' commands, commits and versions under earlier_invocations."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
-    record = {
-        "command": sys.argv,
-        "recipe": recipe.name,
-        "update_rule": recipe.to_update_rule(),
-        "seed": sft_config.seed,
-        "model_path": model_path,
-        "adapter": dataclasses.asdict(adapter_args),
-        "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args),
-        "sft_config": json.loads(sft_config.to_json_string()),
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, "asymllm_run.json")
-    if resumed_from:  # keep how the first part was started, not only the resume
-        record["resumed_from"] = resumed_from
-        record["earlier_invocations"] = _earlier_invocations(path)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    return path
-
-
-def _earlier_invocations(path: str) -> list[dict]:
-    """The invocations recorded in an existing asymllm_run.json, oldest first (empty if none or unreadable)."""
-    try:
-        with open(path) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
-        return []
-    summary = {key: previous.get(key) for key in INVOCATION_KEYS}
-    return [*previous.get("earlier_invocations", []), summary]
-
-
-INVOCATION_KEYS = ("started", "command", "git_commit", "world_size", "versions")
-
+from ..run_record import RUN_RECORD, read_json, training_lines
 
 def plot_loss_curve(log_history: list[dict], path: str) -> str | None:
     """Training loss (and held-out loss where evaluated) against step, as a PNG."""
@@ -113,7 +41,7 @@ def write_run_card(output_dir: str) -> str | None:
     """<output_dir>/README.md from the run record: base model, recipe, rank, targets, data and
     schedule, the final figures once metrics.json exists, and how to load the adapter. No
     record (a Trainer used outside `asymllm train`): no card, rather than one naming no base."""
-    record = _read_json(os.path.join(output_dir, "asymllm_run.json"))
+    record = read_json(os.path.join(output_dir, RUN_RECORD))
     if not record:
         return None
     path = os.path.join(output_dir, RUN_CARD)
@@ -123,9 +51,8 @@ def write_run_card(output_dir: str) -> str | None:
 
 
 def run_card(output_dir: str, record: dict) -> str:
-    from . import __version__
-    from .model_card import _training_lines
-    from .recipe import Recipe, describe
+    from .. import __version__
+    from ..adapters.recipe import Recipe, describe
 
     base, hub_id, weights_note = _base_model(record)
     adapter = record.get("adapter", {})
@@ -144,8 +71,8 @@ def run_card(output_dir: str, record: dict) -> str:
     lines += [f"| recipe | {describe(Recipe.parse(record['recipe']))}, seed {record.get('seed')} |",
               f"| rank r | {r} |", f"| lora_alpha | {alpha}{' (rsLoRA)' if adapter.get('use_rslora') else ''} |",
               f"| lora_dropout | {adapter.get('lora_dropout')} |", f"| target modules | {targets} |",
-              "", "## Training", "", *_training_lines(record, None)]
-    metrics = _read_json(os.path.join(output_dir, "metrics.json"))
+              "", "## Training", "", *training_lines(record)]
+    metrics = read_json(os.path.join(output_dir, "metrics.json"))
     if metrics:
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         lines += ["", "## Results", "", "- " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())]
@@ -158,7 +85,7 @@ def run_card(output_dir: str, record: dict) -> str:
 
 def _base_model(record: dict) -> tuple[str, str | None, str | None]:
     """(what to call the base, its hub id or None for a local folder, a note on its weights)."""
-    from .builtin import DEFAULT_MODEL, MARKER
+    from ..builtin import DEFAULT_MODEL, MARKER
 
     asked = (record.get("model") or {}).get("model") or DEFAULT_MODEL
     loaded = record.get("model_path") or asked
@@ -177,14 +104,7 @@ def _adapter_config(output_dir: str) -> dict | None:
         glob.glob(os.path.join(output_dir, "checkpoint-*")), key=lambda p: int(p.rsplit("-", 1)[-1]) if p.rsplit("-", 1)[-1].isdigit() else -1,
         reverse=True)
     for folder in candidates:
-        config = _read_json(os.path.join(folder, "adapter_config.json"))
+        config = read_json(os.path.join(folder, "adapter_config.json"))
         if config:
             return config
     return None
-
-
-def _read_json(path: str) -> dict | None:
-    from .export_types import read_json
-
-    value = read_json(path)
-    return value if isinstance(value, dict) else None

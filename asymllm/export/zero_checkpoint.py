@@ -15,7 +15,7 @@ trap 12), the adapter is rebuilt here from the shards alone:
 - frozen factors: the Trainer's DeepSpeed checkpoint leaves them out too, so they are rebuilt
   from the recipe and seed (lorasym.json, else the run's asymllm_run.json) with the same
   `init_factor(letter, init, r, shape, module_seed(seed, module, letter))` call that
-  `asymllm.adapter` made at the start of training. `rand`, `he` and `zero` come from a seeded
+  `asymllm.adapters.model` made at the start of training. `rand`, `he` and `zero` come from a seeded
   CPU generator and are bit-identical anywhere. A frozen `V`/`U` factor (an SVD of W0) is
   refused: singular vectors are defined only up to sign and differ between devices, so a
   rebuilt one may not be the factor B was trained against.
@@ -24,7 +24,7 @@ trap 12), the adapter is rebuilt here from the shards alone:
   the trained ones are their fp32 master copies rounded as DeepSpeed rounds them after each
   step, the frozen ones rounded as DeepSpeed rounded them when it wrapped the model.
 
-    from asymllm.zero_checkpoint import has_deepspeed_shards, rebuild_adapter
+    from asymllm.export.zero_checkpoint import has_deepspeed_shards, rebuild_adapter
 """
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import peft_file_key
-from .export_types import PREFIX
-from .init import init_factor, module_seed
-from .recipe import Recipe
-from .recipe_file import read_recipe_file
+from ..adapters.files import peft_file_key
+from ..adapters.init import init_factor, module_seed
+from ..adapters.recipe import Recipe
+from ..adapters.recipe_file import read_recipe_file
+from ..run_record import RUN_RECORD
+from .common import PREFIX
 
 logger = logging.getLogger(__name__)
 
-RUN_RECORD = "asymllm_run.json"
 
 
 class ZeroCheckpointError(RuntimeError):

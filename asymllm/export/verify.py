@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import ADAPTER_WEIGHTS
-from .export_files import write_adapter_folder
-from .export_source import AdapterSource
-from .export_types import DTYPE_NAMES, ExportError, read_json
+from ..adapters.files import ADAPTER_WEIGHTS
+from ..run_record import read_json
+from .common import DTYPE_NAMES, ExportError
+from .files import write_adapter_folder
 from .safetensors_io import BaseCheckpoint
+from .source import AdapterSource
 
 
 # fp32 check: merged and unmerged logits differ by rounding alone, which grows with the logits'
@@ -62,7 +63,7 @@ def verify_merged(merged_dir: str, base_dir: str, source: AdapterSource, dtype: 
     (see _argmax_mismatches)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import load_lorasym_model
+    from ..adapters.files import load_lorasym_model
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir) if os.path.isfile(
         os.path.join(merged_dir, "tokenizer_config.json")) else None
@@ -162,7 +163,7 @@ def verify_adapter_export(out_dir: str, source: AdapterSource, base: BaseCheckpo
         return line + " (base model not available: not loaded in peft)"
     from transformers import AutoModelForCausalLM
 
-    from .checkpoint import load_lorasym_model
+    from ..adapters.files import load_lorasym_model
 
     model_dtype = dtype or next(iter(source.tensors.values())).dtype
     model = load_lorasym_model(AutoModelForCausalLM.from_pretrained(base.directory, dtype=model_dtype), out_dir).eval()

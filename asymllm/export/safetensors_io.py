@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from .builtin import MARKER as BUILTIN_MARKER
-from .export_types import DTYPE_NAMES, WEIGHTS_INDEX, ExportError
+from ..builtin import MARKER as BUILTIN_MARKER
+from .common import DTYPE_NAMES, WEIGHTS_INDEX, ExportError
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -17,7 +17,7 @@ RECIPE_FILE = "lorasym.json"
 
 
 def write_recipe_file(directory: str, recipe: Recipe, seed: int) -> str:
-    from . import __version__
+    from .. import __version__
 
     path = os.path.join(directory, RECIPE_FILE)
     record = {"recipe": recipe.name, "update_rule": recipe.to_update_rule(), "seed": seed, "asymllm_version": __version__}
@@ -41,7 +41,7 @@ def read_recipe_file(directory: str) -> tuple[Recipe, int] | None:
 
 def _save_pretrained_with_recipe(self, save_directory, *args, **kwargs):
     type(self).save_pretrained(self, save_directory, *args, **kwargs)
-    from .zero import rank_and_world
+    from ..zero import rank_and_world
 
     if rank_and_world()[0] == 0:
         write_recipe_file(save_directory, self.lorasym_recipe, self.lorasym_seed)

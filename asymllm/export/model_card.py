@@ -9,18 +9,18 @@ import time
 
 import torch
 
-from .builtin import MARKER as BUILTIN_MARKER
-from .export_source import AdapterSource
-from .export_types import DTYPE_NAMES, PREFIX, read_json
+from ..adapters.recipe import describe
+from ..builtin import MARKER as BUILTIN_MARKER
+from ..run_record import RUN_RECORD, read_json, training_lines
+from .common import DTYPE_NAMES, PREFIX
 from .merge_plan import MergePlan
-from .recipe import describe
 from .safetensors_io import BaseCheckpoint
-from .zero_checkpoint import RUN_RECORD
+from .source import AdapterSource
 
 
 def model_card(source: AdapterSource, base: BaseCheckpoint | None, plan: MergePlan | None, dtype: torch.dtype | None,
                check: str | None, adapter_only: bool) -> str:
-    from . import __version__
+    from .. import __version__
 
     base_name = base.name if base else source.config.get("base_model_name_or_path") or "unknown"
     config = source.config
@@ -48,7 +48,7 @@ def model_card(source: AdapterSource, base: BaseCheckpoint | None, plan: MergePl
               f"| adapted modules | {len(modules)} ({', '.join(sorted({m.rsplit('.', 1)[-1] for m in modules}))}) |",
               f"| adapter source | {source.description} |"]
     run = read_json(os.path.join(source.run_dir, RUN_RECORD)) if source.run_dir else None
-    lines += ["", "## Training", ""] + _training_lines(run, source)
+    lines += ["", "## Training", ""] + training_lines(run)
     lines += ["", "## Evaluation", ""] + _evaluation_lines(source)
     lines += ["", "## Export check", "", f"Verification {check}." if check else "Not verified (--no-verify).", ""]
     usage = ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -60,22 +60,6 @@ def model_card(source: AdapterSource, base: BaseCheckpoint | None, plan: MergePl
     lines += ["## Use", "", "```python", usage, "```", "",
               f"Exported by asymllm {__version__} on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     return "\n".join(lines)
-
-
-def _training_lines(run: dict | None, source: AdapterSource) -> list[str]:
-    if not run:
-        return ["No asymllm_run.json beside the adapter: data and settings unknown."]
-    data, sft = run.get("data", {}), run.get("sft_config", {})
-    dataset = data.get("dataset") or "asymllm built-in instruction data"
-    held_out = data.get("eval_dataset") or ("built-in held-out set" if not data.get("dataset") else
-                                            f"{data.get('eval_fraction')} of the training data" if data.get("eval_fraction") else "none")
-    steps = f"{sft['max_steps']} steps" if (sft.get("max_steps") or -1) > 0 else f"{sft.get('num_train_epochs')} epochs"
-    batch = (sft.get("per_device_train_batch_size") or 0) * (sft.get("gradient_accumulation_steps") or 1) * run.get("world_size", 1)
-    return [f"- data: {dataset} (split {data.get('dataset_split')}); held out: {held_out}",
-            f"- schedule: {steps}, learning rate {sft.get('learning_rate')}, global batch {batch}, "
-            f"max length {sft.get('max_length')}, packing {sft.get('packing')}, {_plural(run.get('world_size', 1), 'process')}"
-            + (f", DeepSpeed {os.path.basename(str(sft['deepspeed']))}" if sft.get("deepspeed") else ""),
-            f"- code: asymllm {run.get('versions', {}).get('asymllm')}, commit {run.get('git_commit')}"]
 
 
 def _evaluation_lines(source: AdapterSource) -> list[str]:
@@ -117,10 +101,6 @@ def _numbers(record: dict, prefix: str = "") -> list[tuple[str, float]]:
         elif isinstance(value, dict) and not prefix:
             out += _numbers(value, f"{key}.")
     return out
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
 
 
 def _fmt(value: float) -> str:

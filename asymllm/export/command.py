@@ -13,7 +13,7 @@ with neither asymllm nor peft installed. Its weights are W = W0 + s * B @ A, s =
 How, in order (nothing is written before step 4):
 1. the adapter: a saved adapter folder, a run folder (its adapter/), or a checkpoint-N/ folder;
    from a checkpoint whose adapter file is missing or incomplete, rebuilt from the DeepSpeed
-   ZeRO shards (asymllm.zero_checkpoint);
+   ZeRO shards (asymllm.export.zero_checkpoint);
 2. the base: --base, else the adapter's base_model_name_or_path; only safetensors headers read;
 3. the plan: every adapter tensor matched to a base weight, shapes checked (an adapter for
    another base is refused here), scale per module; the tokenizer: --tokenizer's, else the
@@ -44,17 +44,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .builtin import _make_readable
-from .checkpoint import AdapterFileError
-from .cli_args import ArgumentParser
-from .export_files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
-from .export_source import find_adapter_dir, read_adapter, resolve_base
-from .export_types import DTYPE_NAMES, DTYPES, ExportError, write_text
-from .export_verify import Verification, verify_adapter_export, verify_merged
+from ..adapters.files import AdapterFileError
+from ..adapters.recipe import RecipeError
+from ..builtin import _make_readable
+from ..cli_args import ArgumentParser
+from .common import DTYPE_NAMES, DTYPES, ExportError, write_text
+from .files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
 from .merge_plan import plan_merge, plan_shards, write_merged_weights
 from .model_card import model_card
-from .recipe import RecipeError
 from .safetensors_io import BaseCheckpoint
+from .source import find_adapter_dir, read_adapter, resolve_base
+from .verify import Verification, verify_adapter_export, verify_merged
 from .zero_checkpoint import ZeroCheckpointError
 
 logger = logging.getLogger("asymllm.export")
