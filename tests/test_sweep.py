@@ -100,3 +100,51 @@ def test_a_cell_whose_adapter_changed_is_reevaluated_not_reused(tmp_path, caplog
     caplog.clear()
     assert sweep.main(argv)[0]["adapter_fingerprint"]["id"] == new_id
     assert "A_rand_hB_zero-r4-s0: done already, skipped" in caplog.text
+
+
+def selection_command(model_dir, output):
+    return [sys.executable, "-m", "asymllm.cli", "sweep", "--recipes", "lora,asym", "--ranks", "4",
+            "--learning_rates", "1e-6,1e-2", "--select_on", "validation", "--seeds", "0", "--final_seeds", "1,2",
+            "--output", str(output), "--eval_flags", "--limit 6 --max_new_tokens 8 --batch_size 6 --no_progress",
+            "--", "--model", model_dir, "--max_steps", "4", "--warmup_steps", "0", "--logging_steps", "2",
+            "--per_device_eval_batch_size", "64"]
+
+
+def test_learning_rates_are_selected_on_validation_then_run_with_fresh_seeds_and_resume(tmp_path):
+    """4 steps at lr 1e-6 leave a tiny model where it started; at 1e-2 its validation loss
+    drops: selection must pick 1e-2 for both recipes, from the training data only. A kill in the
+    final phase resumes without redoing the selection or the finished final cell."""
+    model_dir = save_tiny_model(str(tmp_path / "model"))
+    output = tmp_path / "sweep"
+    first_final = output / "final" / "runs" / "hA_he_hB_zero-r4-lr0.01-s1" / "result.json"
+    process = subprocess.Popen(selection_command(model_dir, output), start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not first_final.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.5)
+    assert first_final.exists(), process.communicate()[0][-3000:] if process.poll() is not None else "no final run"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    done = subprocess.run(selection_command(model_dir, output), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("done already, skipped") == 5  # 4 selection cells + the first final one
+    split = json.loads((output / "selection" / "data" / "split.json").read_text())
+    assert (split["validation"], split["train"]) == (60, 420)
+    selected = json.loads((output / "selection" / "selected.json").read_text())["selected"]
+    assert {(s["recipe"], s["lr"]) for s in selected} == {("hA_he_hB_zero", 1e-2), ("A_rand_hB_zero", 1e-2)}
+    selection_log = (output / "selection" / "runs" / "A_rand_hB_zero-r4-lr1e-06-s0" / "train.log").read_text()
+    assert "--dataset" in selection_log and str(output / "selection" / "data" / "validation.jsonl") in selection_log
+    assert not (output / "selection" / "runs" / "A_rand_hB_zero-r4-lr1e-06-s0" / "eval").exists()  # loss needs no generation
+    for recipe in ("hA_he_hB_zero", "A_rand_hB_zero"):
+        for seed in (1, 2):
+            run = output / "final" / "runs" / f"{recipe}-r4-lr0.01-s{seed}"
+            log = (run / "train.log").read_text().splitlines()[0]
+            assert "--learning_rate 0.01" in log and "--lora_alpha 8" in log and "--dataset" not in log
+            result = json.loads((run / "result.json").read_text())
+            assert result["lr"] == 1e-2 and 0.0 <= result["heldout_exact_match"] <= 1.0
+    rows = list(csv.DictReader(open(output / "sweep.csv")))
+    assert [r["phase"] for r in rows] == ["selection"] * 4 + ["final"] * 4
+    report = (output / "sweep.md").read_text()
+    assert "## Selection" in report and "60 of the 480 training examples" in report and "## Final" in report
+    assert "Paired against hA_he_hB_zero at the same rank" in report and "A_rand_hB_zero r=4 lr=0.01" in report

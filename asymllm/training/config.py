@@ -21,6 +21,7 @@ from trl import SFTConfig
 from ..adapters.model import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
 from ..adapters.recipe import Recipe, RecipeError
 from ..adapters.targets import ALL_LINEAR
+from .precision import choose_cpu_autocast, cpu_bf16_units
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,10 @@ class RunConfig(SFTConfig):
     # name still gets it applied (with transformers' own notice that the name is deprecated).
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "deprecated name of --activation_checkpointing", "nargs": "?", "const": True})
+    # transformers' --bf16 is GPU-only (bf16 weights); on a CPU with bf16 units asymllm autocasts instead.
+    cpu_autocast_bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 autocast on a CPU that reports amx_bf16 or avx512_bf16, fp32 master weights (default false: "
+                "measured 0.98x the fp32 wall time on the default run, benchmarks/RESULTS.md)"})
 
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
@@ -124,13 +129,25 @@ def parse_train_args(argv: list[str] | None = None, use_configured_state: bool =
     if "--config" in argv:
         read_yaml_config(argv)  # clear errors for a missing or malformed file, before TRL opens it
     try:
-        return parser.parse_args_and_config(args=argv)
+        parsed = parser.parse_args_and_config(args=argv)
     except ValueError as error:  # unknown flags, or a value SFTConfig refuses
         if "support bf16" in str(error):  # transformers' refusal names neither the flag nor the way out
             raise ConfigError("--bf16 true: this machine cannot train in bf16 (transformers allows it only on a GPU "
-                              "that supports it); pass --bf16 false, or drop bf16 from the --config file"
+                              "that supports it); pass --bf16 false, or drop bf16 from the --config file (on a CPU with bf16 units, "
+                              "--cpu_autocast_bf16 true autocasts instead)"
                               f"{_suggest_flags(parser, argv)}") from None
         raise ConfigError(f"{error}{_suggest_flags(parser, argv)}") from None
+    set_cpu_precision(parsed[3])
+    return parsed
+
+
+def set_cpu_precision(sft_config) -> None:
+    """Resolve --cpu_autocast_bf16 for this machine; the log line goes to sft_config.precision_note."""
+    try:
+        on, note = choose_cpu_autocast(sft_config.cpu_autocast_bf16, cpu_bf16_units(), torch.cuda.is_available())
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    sft_config.cpu_autocast_bf16, sft_config.precision_note = on, note
 
 
 def _suggest_flags(parser, argv: list[str]) -> str:

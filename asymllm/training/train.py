@@ -80,6 +80,8 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
     attn = choose_attention(model_args.attn_implementation)
+    if getattr(sft_config, "precision_note", ""):
+        logger.info(sft_config.precision_note)
     logger.info(check_packing(sft_config.packing, attn, strategy=sft_config.packing_strategy, padding_free=sft_config.padding_free))
     model = load_model(model_path, sft_config, attn, tokenizer)
     model = get_lorasym_model(model, LoRASYMConfig(

@@ -30,6 +30,7 @@ from ..adapters.recipe import Recipe
 from ..adapters.recipe_file import RECIPE_FILE, read_recipe_file
 from ..zero import count_parameters, gathered
 from .config import ConfigError
+from .precision import cpu_autocast
 from .report import write_run_card
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ class LorasymSFTTrainer(SFTTrainer):
         if self.args.disable_tqdm:  # PrinterCallback's raw dicts give neither the step count nor the time left
             self.remove_callback(PrinterCallback)
             self.add_callback(PlainProgress)
+
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        """bf16 autocast on CPUs with bf16 units (training/precision.py); transformers' own otherwise."""
+        if getattr(self.args, "cpu_autocast_bf16", False):
+            return cpu_autocast(True, cache_enabled)
+        return super().autocast_smart_context_manager(cache_enabled)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")

@@ -1,0 +1,149 @@
+"""What a sweep shows: sweep.csv (one row per run), sweep.md (the selection, the runs, the
+paired comparisons against the reference recipe, at equal rank and at equal trainable
+parameters) and sweep.png (metric against trainable parameters)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+
+from .compare import DIRECTION, Paired, config_key, equal_parameter_references, paired
+
+COLUMNS = ["phase", "recipe", "rank", "lr", "lora_alpha", "seed", "trainable_params", "train_loss", "heldout_loss",
+           "heldout_exact_match", "mmlu", "wall_s"]
+COMPARED = ("heldout_exact_match", "heldout_loss")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
+
+
+def write_markdown(path: str, final: list[dict], reference: str, selection: list[dict] | None = None,
+                   chosen: dict | None = None, select_metric: str | None = None, split: dict | None = None) -> None:
+    lines = []
+    if selection is not None:
+        lines += [f"## Selection: the learning rate of each recipe and rank, on validation ({select_metric})", "",
+                  f"Validation: {split['validation']} of the {split['validation'] + split['train']} training examples "
+                  f"of {split['source']} (seed {split['seed']}); trained on the other {split['train']}. The held-out "
+                  "set is not used here.", ""]
+        lines += config_table(selection, mark=chosen)
+        lines += ["", "## Final: the selected learning rates, fresh seeds, full training data, the held-out set", ""]
+    lines += config_table(final)
+    for title, pairs in comparisons(final, reference):
+        lines += ["", title, ""] + paired_table(pairs)
+    lines += ["", "Every run:", "", *run_table(final)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def config_table(results: list[dict], mark: dict | None = None) -> list[str]:
+    """Mean ± sample std over seeds per configuration; `mark`: (recipe, rank) -> selected lr."""
+    lines = ["| recipe | rank | lr | trainable params | seeds | held-out exact match | held-out loss |"
+             + (" selected |" if mark else ""), "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if mark else "")]
+    for key, group in groups(results).items():
+        recipe, rank, lr = key
+        row = (f"| {recipe} | {rank} | {_cell(lr)} | {_cell(group[0].get('trainable_params'))} | {len(group)} | "
+               f"{mean_std([g.get('heldout_exact_match') for g in group])} | {mean_std([g.get('heldout_loss') for g in group])} |")
+        if mark:
+            row += " **yes** |" if mark.get((recipe, rank)) == lr else " |"
+        lines.append(row)
+    return lines
+
+
+def comparisons(results: list[dict], reference: str) -> list[tuple[str, list[Paired]]]:
+    keys = list(groups(results))
+    same_rank = [(k, r) for k in keys for r in keys if k[0] != reference and r[0] == reference and r[1] == k[1]]
+    equal_size = equal_parameter_references(results, reference)
+    out = []
+    for title, pairs in ((f"Paired against {reference} at the same rank (config minus reference, per seed)", same_rank),
+                         (f"Paired against {reference} with trainable parameters within 5%", equal_size)):
+        found = [p for k, r in pairs for m in COMPARED if (p := paired(results, k, r, m)) is not None]
+        if found:
+            out.append((title, found))
+    return out
+
+
+def paired_table(pairs: list[Paired]) -> list[str]:
+    lines = ["| config | reference | metric | seeds | mean difference [95% CI] | wins/ties/losses | reading |",
+             "|---|---|---|---:|---:|---:|---|"]
+    for p in pairs:
+        interval = f"[{p.low:+.4f}, {p.high:+.4f}]" if not math.isnan(p.low) else "[-]"
+        better = "higher" if DIRECTION[p.metric] > 0 else "lower"
+        lines.append(f"| {_config(p.config)} | {_config(p.reference)} | {p.metric} ({better} is better) | {len(p.seeds)} | "
+                     f"{p.mean:+.4f} {interval} | {p.wins}/{p.ties}/{p.losses} | {p.verdict} |")
+    return lines
+
+
+def run_table(results: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return lines + ["| " + " | ".join(_cell(r.get(k)) for k in COLUMNS) + " |" for r in results]
+
+
+def _config(key: tuple) -> str:
+    recipe, rank, lr = key
+    return f"{recipe} r={rank}" + (f" lr={lr:g}" if lr is not None else "")
+
+
+def groups(results: list[dict]) -> dict:
+    found: dict = {}
+    for r in results:
+        found.setdefault(config_key(r), []).append(r)
+    return found
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}" if abs(value) < 1e-2 else f"{value:.4f}"
+    if isinstance(value, int) and value > 9999:
+        return f"{value:,}"
+    return str(value)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Held-out metric against trainable parameters: one dot per run, mean ± std per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "heldout_exact_match" if any(r.get("heldout_exact_match") is not None for r in results) else "heldout_loss"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, group in groups(results).items():
+        xs = [g["trainable_params"] for g in group if g.get(metric) is not None]
+        ys = [g[metric] for g in group if g.get(metric) is not None]
+        if not ys:
+            continue
+        dots = ax.scatter(xs, ys, alpha=0.5, s=18)
+        spread = statistics.stdev(ys) if len(ys) > 1 else 0.0
+        ax.errorbar([statistics.mean(xs)], [statistics.mean(ys)], yerr=[spread], fmt="o", ms=8, capsize=5,
+                    color=dots.get_facecolor()[0], label=_config(key))
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(output: str, final: list[dict], reference: str, **selection) -> None:
+    os.makedirs(output, exist_ok=True)
+    write_csv([*(selection.get("selection") or []), *final], os.path.join(output, "sweep.csv"))
+    write_markdown(os.path.join(output, "sweep.md"), final, reference, **selection)
+    plot(final, os.path.join(output, "sweep.png"))
