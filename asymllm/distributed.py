@@ -65,6 +65,62 @@ def _data_parallel_state() -> None:
     PartialState(cpu=True, backend="gloo")
 
 
+def restart_store_warning() -> str | None:
+    """torchrun restarting its workers (--max-restarts) with its rendezvous store shared with
+    them (the default of --rdzv_backend c10d) hands the restarted group the previous attempt's
+    addresses: gloo's connectFullMesh then fails with "Connection refused", NCCL reads a stale
+    unique id (measured here; pytorch#135712). Said at the start, before a fault needs it."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (f"torchrun --max-restarts {restarts} shares its rendezvous store with the workers, so a restarted group would "
+                "read the failed attempt's addresses and not start (pytorch#135712): set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                "in torchrun's environment (launch/slurm_sft.sbatch does)")
+    return None
+
+
+_CONTROL_GROUP = None
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def control_group():
+    """A gloo group for the small messages ranks agree on (a stop flag, the run's settings).
+    On CPU the default group is gloo already; beside NCCL a gloo side group keeps these
+    messages on the host, so agreeing costs no device sync. The first call is collective:
+    every rank reaches it at the same point of the run."""
+    global _CONTROL_GROUP
+    if _CONTROL_GROUP is None:
+        world = torch.distributed.group.WORLD
+        _CONTROL_GROUP = world if torch.distributed.get_backend() == "gloo" else torch.distributed.new_group(backend="gloo")
+    return _CONTROL_GROUP
+
+
+def gather_from_ranks(values: list[int]) -> list[list[int]]:
+    """Every rank's `values` (small integers), indexed by rank; one collective, on the host."""
+    if not _initialized():
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(every, mine, group=control_group())
+    return [t.tolist() for t in every]
+
+
+def gather_objects_from_ranks(obj) -> list:
+    """Every rank's `obj` (picklable), indexed by rank."""
+    if not _initialized():
+        return [obj]
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, obj, group=control_group())
+    return every
+
+
+def barrier() -> None:
+    if _initialized():
+        torch.distributed.barrier(group=control_group())
+
+
 def finish_distributed() -> None:
     """A barrier then teardown, so that no rank aborts on exit and fails the launcher."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

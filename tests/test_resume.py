@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dis
 
 import sft_runs as runs  # noqa: E402
 from asymllm import verify_adapter_dir  # noqa: E402
+from asymllm.training.checkpoints import write_marker  # noqa: E402
 from asymllm.training.train import main  # noqa: E402
 
 slow = pytest.mark.slow  # the multi-process drills; the checks at the end run in this process, in seconds
@@ -224,12 +225,19 @@ def _copy_checkpoint(run_dir, tmp_path):
     return target
 
 
+def _save_adapter_file(checkpoint, tensors) -> None:
+    """Replace a checkpoint's adapter file as if its save had written these values: its
+    completion marker is written again (else it is refused as damaged before any check here)."""
+    save_file(tensors, os.path.join(checkpoint, "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_marker(str(checkpoint), int(str(checkpoint).rsplit("-", 1)[1]))
+
+
 def _change_one_A(checkpoint, by: float):
     """Add `by` to one frozen A in the checkpoint's adapter file: what rebuilding it will not reproduce."""
     tensors = runs.adapter_tensors(checkpoint)
     key = runs.factor_keys(tensors, "lora_A")[0]
     tensors[key] = tensors[key] + by
-    save_file(tensors, os.path.join(checkpoint, "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_adapter_file(checkpoint, tensors)
     return key, tensors[key]
 
 
@@ -297,7 +305,7 @@ def test_resume_accepts_a_checkpoint_whose_frozen_A_was_stored_in_bf16(fast_run,
     bf16(A): the rebuilt fp32 A is the same factor once rounded the same way, not another seed's."""
     checkpoint = _copy_checkpoint(fast_run, tmp_path)
     tensors = {k: v.to(torch.bfloat16) for k, v in runs.adapter_tensors(checkpoint).items()}
-    save_file(tensors, os.path.join(checkpoint, "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_adapter_file(checkpoint, tensors)
     caplog.set_level(logging.INFO)
     assert _resume(model_dir, checkpoint)["steps"] == 2
     assert _restored(caplog.text)[0] == runs.N_TENSORS // 2
@@ -306,6 +314,6 @@ def test_resume_accepts_a_checkpoint_whose_frozen_A_was_stored_in_bf16(fast_run,
     tensors = runs.adapter_tensors(checkpoint)
     key = runs.factor_keys(tensors, "lora_A")[0]
     tensors = {k: (v + (0.05 if k == key else 0.0)).to(torch.bfloat16) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(checkpoint, "adapter_model.safetensors"), metadata={"format": "pt"})
+    _save_adapter_file(checkpoint, tensors)
     with pytest.raises(SystemExit, match="rebuilt here differs from the checkpoint's"):
         _resume(model_dir, checkpoint)

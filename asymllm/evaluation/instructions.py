@@ -46,7 +46,7 @@ def load_instructions(source: str | None = None, split: str = "eval", limit: int
     try:
         examples, _ = load_examples(source, split=split)
         rows = [(e.prompt_messages, e.response, e.meta) for e in examples]
-    except DataError as error:
+    except DataError:
         rows = _bare_instructions(source)
         if rows is None:
             raise

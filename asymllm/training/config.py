@@ -72,6 +72,9 @@ class RunConfig(SFTConfig):
     cpu_autocast_bf16: bool | None = field(default=None, metadata={
         "help": "bf16 autocast on a CPU that reports amx_bf16 or avx512_bf16, fp32 master weights (default false: "
                 "measured 0.98x the fp32 wall time on the default run, benchmarks/RESULTS.md)"})
+    max_bad_steps: int = field(default=0, metadata={
+        "help": "steps with a non-finite loss (on any rank) to skip, optimizer step included, before the run stops "
+                "(default 0: stop at the first, nothing saved after the last good checkpoint)"})
 
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
@@ -118,7 +121,7 @@ def parse_train_args(argv: list[str] | None = None, use_configured_state: bool =
     `use_configured_state`: the distributed state was built by the gloo bootstrap, and the
     Trainer must use it rather than build one without a backend.
     """
-    from trl import SFTConfig, TrlParser
+    from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser((AdapterArguments, ModelArguments, DataArguments, RunConfig), prog="asymllm train")
@@ -227,6 +230,13 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
              lambda v: _is_number(v) and 0 <= v < 1)
     _require(data_args.stop_after_steps, "--stop_after_steps", "a positive integer step",
              lambda v: v is None or (_is_int(v) and v >= 1))
+    _require(getattr(sft_config, "max_bad_steps", 0), "--max_bad_steps", "a whole number of steps >= 0 (0: stop at the first)",
+             lambda v: _is_int(v) and v >= 0)
+    if getattr(sft_config, "max_bad_steps", 0) and sft_config.deepspeed and sft_config.gradient_accumulation_steps > 1:
+        # DeepSpeed steps inside the last micro-batch's backward; a skipped one would carry the
+        # step's other gradients into the next step instead of dropping them
+        raise ConfigError(f"--max_bad_steps {sft_config.max_bad_steps} with --deepspeed needs --gradient_accumulation_steps 1 "
+                          f"(got {sft_config.gradient_accumulation_steps}); raise --per_device_train_batch_size instead")
     return recipe
 
 

@@ -19,7 +19,7 @@ import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..adapters.files import AdapterFileError
 from ..adapters.init import InitError
@@ -28,13 +28,16 @@ from ..adapters.recipe import Recipe, RecipeError, describe
 from ..adapters.targets import TargetError, is_all_linear
 from ..builtin import resolve_model
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, load_examples, split_heldout
-from ..distributed import bootstrap_cpu_distributed, finish_distributed
+from ..distributed import bootstrap_cpu_distributed, finish_distributed, restart_store_warning
 from ..records import source_identity, split_read
 from ..run_record import write_run_record
 from ..tokenizer import ensure_chat_template, ensure_pad_token
 from ..zero import count_parameters, rank_and_world
+from .checkpoints import check_complete, latest_complete_checkpoint
 from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
+from .faults import Diverged, StepGuard, StopSignals, exit_diverged, exit_stopped_by_signal
 from .packing import PackingError, check_packing
+from .preflight import preflight
 from .report import plot_loss_curve, write_run_card
 from .tokenize import tokenize_examples
 from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps, check_checkpoint_settings
@@ -57,11 +60,15 @@ def main(argv: list[str] | None = None) -> dict:
         bootstrapped, bootstrap_line = bootstrap_cpu_distributed(uses_deepspeed(argv))
         adapter_args, model_args, data_args, sft_config = parse_train_args(argv, use_configured_state=bootstrapped)
         logger.info(bootstrap_line)
-        return train(adapter_args, model_args, data_args, sft_config)
+        if restart_store_warning():
+            logger.warning(restart_store_warning())
+        result = train(adapter_args, model_args, data_args, sft_config)
     except USER_ERRORS as error:
         raise SystemExit(f"asymllm train: error: {error}") from None
-    finally:
-        finish_distributed()
+    # Only a run that ended on every rank together meets the others at the final barrier: one
+    # that failed on some ranks only would wait there forever for ranks in another collective.
+    finish_distributed()
+    return result
 
 
 def train(adapter_args, model_args, data_args, sft_config) -> dict:
@@ -77,6 +84,9 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     elif not sft_config.resume_from_checkpoint:
         prepare_fresh_output_dir(sft_config.output_dir, data_args.overwrite_output_dir)
     model_path = check_model_path(resolve_model(model_args.model))
+    preflight(sft_config.output_dir, model_path, adapter_args, recipe, {
+        **run_settings(adapter_args, recipe, sft_config.seed), "--target_modules": adapter_args.target_modules,
+        "--resume_from_checkpoint": resume, "--output_dir": sft_config.output_dir, "--max_bad_steps": sft_config.max_bad_steps})
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
     attn = choose_attention(model_args.attn_implementation)
@@ -96,15 +106,27 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     if resume:  # the default or a regex --target_modules is known only now, as peft resolved it
         check_checkpoint_settings(resume, {"--target_modules": model.peft_config["default"].target_modules})
         restore = RestoreFrozenFactors(model, resume, recipe)  # compares before trainer.train() loads the checkpoint
+    signals = StopSignals()
+    guard = StepGuard(signals, max_bad_steps=sft_config.max_bad_steps)
     trainer = LorasymSFTTrainer(model=model, args=sft_config, train_dataset=train_set, eval_dataset=eval_set,
-                                processing_class=tokenizer)
+                                processing_class=tokenizer, guard=guard)
     if restore:  # added after the Trainer's own callbacks (and any a subclass adds), so it has the last word
         trainer.add_callback(restore)
     if data_args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
     write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
                      resumed_from=resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    signals.install()  # from here a SIGTERM/SIGUSR1 means "checkpoint and exit", not "die now"
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Diverged as where:
+        exit_diverged(str(where), sft_config.output_dir, sft_config.max_bad_steps)
+    finally:
+        signals.uninstall()
+    if guard.stop_signal is not None and trainer.state.global_step < trainer.state.max_steps:
+        exit_stopped_by_signal(guard.stop_signal, trainer.state, sft_config.output_dir)
+    if guard.skipped:
+        logger.warning("%d step(s) had a non-finite loss and were skipped: %s", len(guard.skipped), guard.skipped)
     if data_args.stop_after_steps and trainer.state.global_step < trainer.state.max_steps:
         logger.info("stopped at step %d as asked (--stop_after_steps)", trainer.state.global_step)
         return {"stopped_at": trainer.state.global_step, "output_dir": sft_config.output_dir}
@@ -220,11 +242,18 @@ def resolve_resume(value: str | None, output_dir: str, overwrite: bool = False) 
         raise ConfigError(f"--overwrite_output_dir and --resume_from_checkpoint {value}: one starts {output_dir} afresh, "
                           "the other continues it; give one of them")
     if value == "auto":
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        try:
+            last = latest_complete_checkpoint(output_dir)
+        except ConfigError as error:
+            raise ConfigError(f"--resume_from_checkpoint auto: {error}") from None
         logger.info("resume auto: %s", f"continuing from {last}" if last else f"no checkpoint in {output_dir}; starting from scratch")
         return last
     if not os.path.isdir(value):
         raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder (use 'auto' to take the latest in --output_dir)")
+    try:
+        check_complete(value)
+    except ConfigError as error:
+        raise ConfigError(f"--resume_from_checkpoint {value}: {error}") from None
     return value
 
 

@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer with the three things it gets wrong for asymmetric adapters fixed.
+"""TRL's SFTTrainer with what it gets wrong for asymmetric adapters and cluster jobs fixed.
 
 1. Saves: under ZeRO-3, transformers saves a PEFT model *without its frozen parameters*
    (a frozen A silently vanishes, and peft reloads a random one). Every save here goes
@@ -11,6 +11,9 @@
    count (ds_numel under ZeRO-3) in every log line; the last step always logged; plain
    progress lines when the bars are off (stderr not a terminal); and asymllm's model card
    in place of TRL's, which names no base model when it was loaded from a folder.
+4. Faults: every checkpoint gets its completion marker once every rank has written its part
+   (training/checkpoints.py); a stop signal or a non-finite loss on any rank is agreed by all
+   ranks after each forward, and handled the same way on each (training/faults.py).
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ import time
 import torch
 from safetensors.torch import load_file
 from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import SFTTrainer
 
 from ..adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, peft_file_key, save_adapter, verify_adapter_dir
 from ..adapters.recipe import Recipe
 from ..adapters.recipe_file import RECIPE_FILE, read_recipe_file
+from ..distributed import barrier
 from ..zero import count_parameters, gathered
+from .checkpoints import clear_for_save, write_marker
 from .config import ConfigError
+from .faults import StepGuard, StopAtAgreedSignal, StopSignals
 from .precision import cpu_autocast
 from .report import write_run_card
 
@@ -37,11 +44,15 @@ logger = logging.getLogger(__name__)
 
 
 class LorasymSFTTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, guard: StepGuard | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._loss_tokens = 0
         self._last_log = None  # (time, tokens) at the previous log; set at the first step
+        self.guard = guard or StepGuard(StopSignals())  # signals not installed: stops only on a non-finite loss
+        self._skip_backward = False
+        self._guard_backward()
         self.add_callback(LogLastStep)
+        self.add_callback(StopAtAgreedSignal(self.guard))
         if self.args.disable_tqdm:  # PrinterCallback's raw dicts give neither the step count nor the time left
             self.remove_callback(PrinterCallback)
             self.add_callback(PlainProgress)
@@ -52,6 +63,17 @@ class LorasymSFTTrainer(SFTTrainer):
             return cpu_autocast(True, cache_enabled)
         return super().autocast_smart_context_manager(cache_enabled)
 
+    def _guard_backward(self) -> None:
+        """The Trainer's training_step runs the forward and then accelerator.backward, and under
+        DeepSpeed the optimizer step happens inside that backward: a micro-batch with a
+        non-finite loss is kept out of both by not running it (every rank agreed to skip)."""
+        backward = self.accelerator.backward
+
+        def guarded_backward(loss, **kwargs):
+            if not self._skip_backward:
+                return backward(loss, **kwargs)
+        self.accelerator.backward = guarded_backward
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if self._last_log is None:
@@ -59,7 +81,30 @@ class LorasymSFTTrainer(SFTTrainer):
         if labels is not None and model.training:
             # shifted: what the loss really counts; kept on the device (int() would sync every step)
             self._loss_tokens = self._loss_tokens + (labels[..., 1:] != -100).sum()
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = result[0] if return_outputs else result
+            self._skip_backward = self.guard.after_forward(loss, self.state.global_step + 1)
+        return result
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then its completion marker (written last, by rank 0, once
+        every rank has written its files), then the rotation of old checkpoints: rotating
+        first could delete the last complete checkpoint while the new one is still unmarked."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            clear_for_save(folder)
+        barrier()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        barrier()
+        if self.args.should_save:
+            write_marker(folder, self.state.global_step)
+            rotate_checkpoints(output_dir=os.path.dirname(folder), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:  # a training log line, reached by every rank at the same step

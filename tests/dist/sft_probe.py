@@ -15,6 +15,14 @@ command line is exactly launch/sft.py's (launched the same ways: python, torchru
                                  `train_begin`: after the Trainer (and DeepSpeed) loaded the
                                  checkpoint, just before asymllm restores the frozen factors; a
                                  resume must still end with the checkpoint's value.
+    ASYMLLM_PAUSE_BEFORE_STEP=K  rank ASYMLLM_PAUSE_RANK (default 0), in the first attempt of a
+                                 torchrun job only, waits at the beginning of step K (before its
+                                 forward) until it receives a stop signal, or 120 s; it writes
+                                 ASYMLLM_PAUSE_DIR/paused.json ({pid, rank, step}) first, so a test
+                                 knows when, and to which process, to deliver its fault. The other
+                                 ranks run on into step K and wait for it in a collective.
+    ASYMLLM_NAN_AT_STEPS=3,5     rank ASYMLLM_NAN_RANK (default 1) gets NaN outputs (log-probs, logits, loss) in the training
+                                 forwards of those steps: a loss that is not finite on one rank only.
 
 Used by tests/test_train_distributed.py and tests/test_resume.py.
 """
@@ -23,7 +31,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 
 import torch
 from transformers import TrainerCallback
@@ -116,9 +126,57 @@ class _ProbeAtTrainEnd(TrainerCallback):
         _write_info()
 
 
+class _PauseBeforeStep(TrainerCallback):
+    """Makes "a fault at step K" exact: the step a signal is agreed in is the one this rank
+    was paused before (the faults themselves are the test's: real signals, real kills)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        step = int(os.environ.get("ASYMLLM_PAUSE_BEFORE_STEP", "0"))
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if not (step and state.global_step + 1 == step and _rank() == int(os.environ.get("ASYMLLM_PAUSE_RANK", "0"))
+                and first_attempt):
+            return
+        pause_dir = os.environ["ASYMLLM_PAUSE_DIR"]
+        os.makedirs(pause_dir, exist_ok=True)
+        with open(os.path.join(pause_dir, "paused.json.tmp"), "w") as f:
+            json.dump({"pid": os.getpid(), "rank": _rank(), "step": step}, f)
+        os.replace(os.path.join(pause_dir, "paused.json.tmp"), os.path.join(pause_dir, "paused.json"))
+        handler = signal.getsignal(signal.SIGTERM)  # asymllm's StopSignals._on_signal, bound to its flag
+        flag = getattr(handler, "__self__", None)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (flag is not None and flag.received):
+            time.sleep(0.05)
+
+
+class _NaNOnOneRank(TrainerCallback):
+    """A forward hook that poisons this rank's logits at the listed steps (training forwards only)."""
+
+    def __init__(self):
+        self.steps = {int(s) for s in os.environ.get("ASYMLLM_NAN_AT_STEPS", "").split(",") if s}
+        self.step = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.steps and _rank() == int(os.environ.get("ASYMLLM_NAN_RANK", "1")):
+            model.register_forward_hook(self._poison)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step + 1
+
+    def _poison(self, module, inputs, output):
+        if module.training and self.step in self.steps:
+            # TRL asks for a fused head (log_probs, no logits); a plain forward gives logits and its loss
+            for name in ("log_probs", "logits", "loss"):
+                if getattr(output, name, None) is not None:
+                    setattr(output, name, getattr(output, name) * float("nan"))
+            print(f"[sft_probe rank{_rank()}] NaN outputs at step {self.step}", flush=True)
+        return output
+
+
 class ProbedTrainer(train_module.LorasymSFTTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.add_callback(_PauseBeforeStep())
+        self.add_callback(_NaNOnOneRank())
         self.add_callback(_ProbeAtTrainBegin())
         self.add_callback(_ProbeAtTrainEnd(self))
 

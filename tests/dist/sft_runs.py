@@ -259,3 +259,45 @@ def data_parallel(tmp_path_factory, launcher: str) -> Run:
 
 def probe_info(run: Run, rank: int) -> dict:
     return json.loads((run.output_dir.parent / "probe" / f"rank{rank}.json").read_text())
+
+
+# ---- a launch with a fault delivered while it runs
+
+
+@dataclass
+class FaultedLaunch:
+    launch: Launch
+    fault_at: float                          # seconds after the start when the fault was delivered
+    seen_at: dict[str, float]                # log pattern -> seconds after the start when it first appeared
+
+
+def launch_with_fault(command: list[str], log_dir: Path, env: dict, pause_dir: Path, fault, watch: tuple[str, ...] = (),
+                      what: str = "faulted launch") -> FaultedLaunch:
+    """Start `command`; once a rank has paused (tests/dist/sft_probe.py writes pause_dir/paused.json)
+    call `fault(process, paused)`, e.g. a SIGTERM to the launcher or a SIGKILL to the paused rank;
+    wait for the end. The times at which the `watch` patterns first appear in the output say how
+    long the job took from the fault to stopping or continuing."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{what.replace(' ', '_')}.log"
+    start = time.perf_counter()
+    fault_at, seen = None, {}
+    with open(path, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while proc.poll() is None and time.perf_counter() - start < TIMEOUT_S:
+            if fault_at is None and (pause_dir / "paused.json").exists():
+                fault(proc, json.loads((pause_dir / "paused.json").read_text()))
+                fault_at = time.perf_counter() - start
+            text = path.read_text(errors="replace")
+            seen.update({p: time.perf_counter() - start for p in watch if p not in seen and p in text})
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{what} timed out after {TIMEOUT_S} s:\n{path.read_text(errors='replace')[-6000:]}", pytrace=False)
+    text = path.read_text(errors="replace")
+    seen.update({p: time.perf_counter() - start for p in watch if p not in seen and p in text})
+    if fault_at is None:
+        pytest.fail(f"{what}: no rank paused, so no fault was delivered (rc {proc.returncode}):\n{text[-6000:]}", pytrace=False)
+    return FaultedLaunch(Launch([proc.returncode], [text], time.perf_counter() - start), fault_at, seen)
