@@ -15,6 +15,9 @@ Accepted layouts, detected per file from its first example (other fields are kep
                        roles system / user / assistant; it must end with an assistant turn
     prompt/completion  {"prompt": "2 + 3?", "completion": "5"}   (strings: one user and one assistant turn;
                        `system` optional) or lists of messages like `messages` above
+    sharegpt           {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
+                       `from` human / gpt / system (user and assistant too); a top-level
+                       `system` optional; it must end with a gpt (assistant) turn
 
 Files (.jsonl, .json, .csv, .parquet, a hub dataset or a local dataset folder) and the
 locations in messages (`file:LINE`, `name[ROW]`): asymllm.records.
@@ -49,13 +52,17 @@ BUILTIN_DATASET = str(_DATA_DIR / "builtin_instructions.jsonl")
 BUILTIN_HELDOUT = str(_DATA_DIR / "builtin_instructions_heldout.jsonl")
 
 # layout -> fields it requires; detection looks for these on the first example.
-LAYOUTS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt/completion": ("prompt", "completion")}
+LAYOUTS = {"alpaca": ("instruction", "output"), "chat": ("messages",), "prompt/completion": ("prompt", "completion"),
+           "sharegpt": ("conversations",)}
 ACCEPTED = (
     "accepted layouts: alpaca {instruction, input (optional), output}; chat {messages: [{role, content}, ...]}; "
-    "prompt/completion {prompt, completion} (strings or lists of messages)"
+    "prompt/completion {prompt, completion} (strings or lists of messages); "
+    "sharegpt {conversations: [{from: human|gpt|system, value}, ...]}"
 )
 EMPTY_RECORD = "empty record (no field has a value)"
 ROLES = ("system", "user", "assistant")
+# ShareGPT's speaker names (`from`), and the chat roles they are
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -197,9 +204,15 @@ def _to_example(layout: str, record: dict, location: str) -> Example:
         if isinstance(record.get("prompt"), str):
             messages = _with_system(record, location, messages)
         used = ("prompt", "completion", "system")
+    elif layout == "sharegpt":
+        if record.get("conversations") is None:
+            raise DataError(f"{location}: missing field 'conversations'")
+        turns = _sharegpt_turns(_json_cell(record["conversations"], location, "conversations"), location)
+        messages = turns if turns[0]["role"] == "system" else _with_system(record, location, turns)
+        used = ("conversations", "system")
     else:
         raise AssertionError(f"unhandled layout {layout!r}")
-    _check_conversation(messages, location, "completion" if layout == "prompt/completion" else "messages")
+    _check_conversation(messages, location, {"prompt/completion": "completion", "sharegpt": "conversations"}.get(layout, "messages"))
     meta = {key: value for key, value in record.items() if key not in used}
     return Example(messages=messages, source=location, meta=meta)
 
@@ -259,6 +272,23 @@ def _messages(value, location: str, name: str) -> list[dict]:
             raise DataError(f"{location}: field '{here}.role' is {role!r}; expected one of {', '.join(ROLES)}")
         content = _text(message, "content", location, required=role != "system", label=f"{here}.content")
         messages.append(_turn(role, content))
+    return messages
+
+
+def _sharegpt_turns(value, location: str) -> list[dict]:
+    """ShareGPT's [{from, value}, ...] as chat messages."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise DataError(f"{location}: field 'conversations' must be a non-empty list of {{from, value}} turns")
+    messages = []
+    for k, turn in enumerate(value):
+        here = f"conversations[{k}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{location}: field '{here}' must be an object with 'from' and 'value'")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f"{location}: field '{here}.from' is {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        role = SHAREGPT_ROLES[speaker]
+        messages.append(_turn(role, _text(turn, "value", location, required=role != "system", label=f"{here}.value")))
     return messages
 
 

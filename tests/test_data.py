@@ -31,7 +31,11 @@ PROMPT_COMPLETION = [
     {"prompt": "Add the numbers.\n\n2 3", "completion": "5"},
     {"prompt": "Say hi.", "completion": "hi"},
 ]
-LAYOUTS = {"alpaca": ALPACA, "chat": CHAT, "prompt/completion": PROMPT_COMPLETION}
+SHAREGPT = [
+    {"conversations": [{"from": "human", "value": "Add the numbers.\n\n2 3"}, {"from": "gpt", "value": "5"}]},
+    {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "hi"}]},
+]
+LAYOUTS = {"alpaca": ALPACA, "chat": CHAT, "prompt/completion": PROMPT_COMPLETION, "sharegpt": SHAREGPT}
 
 
 def write(path: Path, records: list[dict]) -> Path:
@@ -198,9 +202,51 @@ def test_unknown_and_ambiguous_layouts(tmp_path):
     path = lines_file(tmp_path, json.dumps({"question": "2+2?", "answer": "4"}))
     message = error_of(path)
     assert message.startswith(f"{path}:1: unknown layout") and "['answer', 'question']" in message
-    assert "alpaca" in message and "chat" in message and "prompt/completion" in message
+    assert "alpaca" in message and "chat" in message and "prompt/completion" in message and "sharegpt {conversations" in message
     both = lines_file(tmp_path, json.dumps({**ALPACA[0], **CHAT[0]}), name="both.jsonl")
     assert error_of(both).startswith(f"{both}:1: ambiguous layout, it has the fields of alpaca and chat")
+
+
+def test_sharegpt_speakers_system_turns_and_extra_fields(tmp_path):
+    records = [
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                           {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye!"}]},
+        {"system": "Answer with a number.", "conversations": [{"from": "user", "value": "2+2?"}, {"from": "assistant", "value": "4"}],
+         "id": "q7"},
+    ]
+    examples, _ = load_examples(str(write(tmp_path / "sharegpt.jsonl", records)))
+    assert examples[0].messages == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+    assert examples[1].messages == [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "2+2?"},
+                                    {"role": "assistant", "content": "4"}]
+    assert examples[1].meta == {"id": "q7"}
+
+
+def test_bad_sharegpt_records_name_the_file_line_and_value(tmp_path):
+    good = json.dumps(SHAREGPT[0])
+    unknown = json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bing", "value": "Yo"}]})
+    path = lines_file(tmp_path, good, unknown)
+    assert error_of(path) == (f"{path}:2: field 'conversations[1].from' is 'bing'; expected one of human, user, gpt, "
+                              "assistant, system")
+    ends_with_human = lines_file(tmp_path, json.dumps({"conversations": [{"from": "human", "value": "Hi"}]}), name="end.jsonl")
+    assert error_of(ends_with_human).startswith(f"{ends_with_human}:1: field 'conversations' ends with a 'user' turn")
+    empty_reply = lines_file(tmp_path, json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " "}]}),
+                             name="empty.jsonl")
+    assert error_of(empty_reply) == f"{empty_reply}:1: field 'conversations[1].value' is empty"
+    not_a_list = lines_file(tmp_path, json.dumps({"conversations": {"from": "human", "value": "Hi"}}), name="obj.jsonl")
+    assert error_of(not_a_list) == f"{not_a_list}:1: field 'conversations' must be a non-empty list of {{from, value}} turns"
+
+
+def test_a_sharegpt_file_trains(tmp_path):
+    """Through `asymllm train` as a user runs it: the file is read as chat and the run saves an adapter."""
+    from asymllm.tiny import save_tiny_model
+    from asymllm.training.train import main
+
+    data = write(tmp_path / "sharegpt.jsonl", SHAREGPT * 4)
+    result = main(["--model", save_tiny_model(str(tmp_path / "model")), "--dataset", str(data), "--output_dir", str(tmp_path / "out"),
+                   "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no"])
+    assert result["steps"] == 2 and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_bad_conversations(tmp_path):
