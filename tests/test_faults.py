@@ -10,6 +10,7 @@ are marked slow; the single-process checks take seconds each.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dis
 import sft_runs as runs  # noqa: E402
 from asymllm.adapters.recipe import Recipe  # noqa: E402
 from asymllm.training.checkpoints import MARKER, check_complete  # noqa: E402
+from asymllm.training.faults import DIVERGED_FILE, check_not_diverged_before  # noqa: E402
 from asymllm.training.preflight import adapter_shape_counts, checkpoint_bytes  # noqa: E402
 from asymllm.training.train import main  # noqa: E402
 
@@ -71,8 +73,6 @@ def _interrupted_copy(single, tmp_path) -> "os.PathLike":
 
 @slow
 def test_every_checkpoint_carries_a_marker_of_its_files(single, zero3):
-    import json
-
     for run in (single, zero3):
         for name in ("checkpoint-4", "checkpoint-8"):
             folder = run.output_dir / name
@@ -213,6 +213,7 @@ def test_a_diverged_loss_stops_the_run_and_the_last_good_checkpoint_resumes(mode
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-1"]
     check_complete(str(out / "checkpoint-1"))
     good = runs.adapter_tensors(out / "checkpoint-1")
+    assert json.loads((out / DIVERGED_FILE).read_text())["last_good_checkpoint"] == str(out / "checkpoint-1")
 
     second = runs.launch([command + ["--max_bad_steps", "2"]], tmp_path, expect_ok=False, what="skipping run")
     assert second.returncodes == [3]
@@ -224,6 +225,20 @@ def test_a_diverged_loss_stops_the_run_and_the_last_good_checkpoint_resumes(mode
         assert runs.max_abs_diff(runs.adapter_tensors(out / f"checkpoint-{step}"), good) == 0.0, f"step {step} changed the adapter"
     assert "asymllm train: stopped: step 4: the loss is not finite on rank 0 (after 2 skipped steps, --max_bad_steps 2)" in log
     assert not (out / "checkpoint-4").exists() and not (out / "adapter").exists()
+
+
+def test_a_torchrun_restart_after_divergence_stops_at_once_and_a_new_launch_goes_on(model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / DIVERGED_FILE).write_text(json.dumps({"where": "step 7: the loss is not finite on rank 1"}))
+    argv = ["--model", model_dir, "--output_dir", str(out), *runs.COMMON, *RESUME]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 3 and (out / DIVERGED_FILE).exists()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a new launch: the user chose to go on
+    check_not_diverged_before(str(out))
+    assert not (out / DIVERGED_FILE).exists()
 
 
 def test_max_bad_steps_is_checked_before_anything_loads(model_dir, tmp_path):
@@ -258,9 +273,9 @@ def test_a_loss_that_is_not_finite_on_one_rank_is_handled_on_every_rank(model_di
 
 def test_a_signalled_single_process_run_exits_143_or_138_with_the_step_checkpointed(model_dir, tmp_path):
     """No launcher in between: the process's own exit code says which signal stopped it."""
-    for sig, code in ((signal.SIGTERM, 143), (signal.SIGUSR1, 138)):
+    for sig, code, strategy in ((signal.SIGTERM, 143, "no"), (signal.SIGUSR1, 138, "epoch")):
         out, pause = tmp_path / sig.name / "out", tmp_path / sig.name / "pause"
-        command = runs.single_command(out, model_dir, "--save_strategy", "no", *RESUME, script=runs.PROBE)
+        command = runs.single_command(out, model_dir, "--save_strategy", strategy, *RESUME, script=runs.PROBE)
         stopped = runs.launch_with_fault(command, out.parent, runs.base_env(ASYMLLM_PAUSE_BEFORE_STEP=3, ASYMLLM_PAUSE_DIR=pause),
                                          pause, lambda _, paused: os.kill(paused["pid"], sig), what=f"{sig.name} to the process")
         assert stopped.launch.returncodes == [code]
@@ -268,6 +283,7 @@ def test_a_signalled_single_process_run_exits_143_or_138_with_the_step_checkpoin
                 in stopped.launch.log)
         assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-3"]
         check_complete(str(out / "checkpoint-3"))
+        assert "step 3/8 (38%) | loss" in stopped.launch.log, "the stop step's loss was not logged (logging_steps is 4)"
 
 
 @slow
@@ -294,6 +310,24 @@ def test_sigterm_to_torchrun_checkpoints_that_step_and_the_resume_ends_as_if_uni
           f"{stopped.launch.seconds - stopped.fault_at:.1f} s, resume {resumed.seconds:.1f} s; uninterrupted {zero3.launch.seconds:.1f} s, "
           f"lost {lost:.1f} s; max abs diff vs uninterrupted {diff:.3g}")
     assert diff <= 1e-6, f"preempted and resumed vs uninterrupted: max abs diff {diff:.3g}"
+
+
+@slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(model_dir, tmp_path_factory):
+    """SIGTERM to rank 1 alone (as when a node's processes are signalled one by one): rank 0,
+    never signalled, learns of it through the collective and stops at the same step."""
+    out = tmp_path_factory.mktemp("one_rank_signalled") / "out"
+    pause = out.parent / "pause"
+    command = runs.torchrun_command(out, model_dir, *ZERO3_BATCH, "--deepspeed", runs.zero3_config(tmp_path_factory),
+                                    "--save_strategy", "no", *RESUME, script=runs.PROBE)
+    env = runs.base_env(ASYMLLM_PAUSE_BEFORE_STEP=4, ASYMLLM_PAUSE_RANK=1, ASYMLLM_PAUSE_DIR=pause)
+    stopped = runs.launch_with_fault(command, out.parent, env, pause, lambda _, paused: os.kill(paused["pid"], signal.SIGTERM),
+                                     what="SIGTERM to rank 1")
+    log = stopped.launch.log
+    assert f"asymllm train: stopped by SIGTERM at step 4 of 8; {out / 'checkpoint-4'} is complete. Exit code 143." in log  # said by rank 0
+    assert "[asymllm rank0] received SIGTERM" not in log
+    assert log.count("exitcode  : 143") >= 1 and "exitcode  : 1 " not in log
+    check_complete(str(out / "checkpoint-4"))
 
 
 @slow

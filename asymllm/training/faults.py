@@ -14,12 +14,20 @@ A diverged loss. The same collective carries "my loss is not finite". By default
 stops at that step on every rank, before the backward pass, with nothing saved after the
 last good checkpoint. `--max_bad_steps N` first skips N such steps: their backward pass is
 not run (no rank's gradient reaches the optimizer), the optimizer step is skipped, and each
-skip is logged and counted. The check reads the loss on the host, which the Trainer does
-after every micro-batch anyway (its logging_nan_inf_filter), so it adds no device sync.
+skip is logged and counted (per invocation). The check reads the loss on the host after the
+forward: on a GPU that is one sync per micro-batch before the backward is queued (the
+Trainer already syncs on the loss after it, for its logging_nan_inf_filter), plus the small
+gloo collective; not measured on a GPU here.
+
+A diverged run leaves DIVERGED_FILE in the output folder. torchrun restarts a group on any
+failed worker, so under `--max-restarts` a restarted attempt that finds it stops at once
+(exit 3) instead of diverging again from the same checkpoint; a new launch (not a restart)
+starts afresh and removes it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,12 +39,13 @@ from transformers import TrainerCallback
 
 from ..distributed import finish_distributed, gather_from_ranks
 from ..zero import rank_and_world
-from .checkpoints import last_good_checkpoint
+from .checkpoints import check_complete, last_good_checkpoint
 
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 EXIT_DIVERGED = 3  # documented in the README (exit codes); 1 is any other error
+DIVERGED_FILE = "asymllm_diverged.json"
 
 
 def exit_code_for(signum: int) -> int:
@@ -125,7 +134,31 @@ class StopAtAgreedSignal(TrainerCallback):
         if self.guard.stop_signal is not None:
             control.should_save = True
             control.should_training_stop = True
+            control.should_log = args.logging_strategy != "no"  # the stop step's loss, as for a last step
+            control.should_evaluate = False  # an evaluation would only delay the checkpoint the launcher waits for
         return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.guard.stop_signal is not None:  # the loop broke off: no epoch-end evaluation or second save
+            control.should_evaluate = False
+            control.should_save = False
+        return control
+
+
+def check_not_diverged_before(output_dir: str) -> None:
+    """On a torchrun restart (not a new launch): stop at once if the failed attempt diverged."""
+    path = os.path.join(output_dir, DIVERGED_FILE)
+    if not os.path.isfile(path):
+        return
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        if rank_and_world()[0] == 0:
+            os.remove(path)  # a new launch: the user chose to go on
+        return
+    with open(path) as f:
+        where = json.load(f).get("where", "?")
+    _say(f"asymllm train: not restarting: the previous attempt stopped because {where} ({path}); it would diverge "
+         f"again from the same checkpoint. Exit code {EXIT_DIVERGED}.")
+    raise SystemExit(EXIT_DIVERGED)
 
 
 def exit_diverged(where: str, output_dir: str, max_bad_steps: int) -> None:
@@ -133,10 +166,14 @@ def exit_diverged(where: str, output_dir: str, max_bad_steps: int) -> None:
     A lower --learning_rate does not apply to a resumed run: the optimizer and scheduler
     states come back with the checkpoint, so the message does not suggest it."""
     last = last_good_checkpoint(output_dir)
+    if rank_and_world()[0] == 0:
+        with open(os.path.join(output_dir, DIVERGED_FILE), "w") as f:
+            json.dump({"where": where, "last_good_checkpoint": last}, f)
     allowed = f" (after {max_bad_steps} skipped step{'s' if max_bad_steps != 1 else ''}, --max_bad_steps {max_bad_steps})"
     then = (f"The last good checkpoint is {last}, left as it was: continue it with --resume_from_checkpoint auto "
             "(--max_bad_steps N skips such steps; the learning rate comes back with its optimizer state), or start "
-            "afresh with a lower --learning_rate" if last else "No checkpoint had been saved: start again with a lower --learning_rate")
+            "afresh with a lower --learning_rate (--overwrite_output_dir, or another --output_dir)" if last
+            else "No checkpoint had been saved: start again with a lower --learning_rate (--overwrite_output_dir)")
     _say(f"asymllm train: stopped: {where}{allowed if max_bad_steps else ''}; nothing was saved after it. {then}. "
          f"Exit code {EXIT_DIVERGED}.")
     finish_distributed()
@@ -147,6 +184,7 @@ def exit_stopped_by_signal(signum: int, state, output_dir: str) -> None:
     """After the agreed step's checkpoint: say where it is and how to continue; exit 128 + signal."""
     code, name = exit_code_for(signum), signal.Signals(signum).name
     folder = os.path.join(output_dir, f"checkpoint-{state.global_step}")
+    check_complete(folder)  # the message below promises it
     _say(f"asymllm train: stopped by {name} at step {state.global_step} of {state.max_steps}; {folder} is complete. "
          f"Exit code {code}. Continue with the same command and --resume_from_checkpoint auto")
     finish_distributed()

@@ -35,7 +35,7 @@ from ..tokenizer import ensure_chat_template, ensure_pad_token
 from ..zero import count_parameters, rank_and_world
 from .checkpoints import check_complete, latest_complete_checkpoint
 from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
-from .faults import Diverged, StepGuard, StopSignals, exit_diverged, exit_stopped_by_signal
+from .faults import Diverged, StepGuard, StopSignals, check_not_diverged_before, exit_diverged, exit_stopped_by_signal
 from .packing import PackingError, check_packing
 from .preflight import preflight
 from .report import plot_loss_curve, write_run_card
@@ -77,6 +77,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
         disable_library_progress_bars()
     sft_config.output_dir = sft_config.output_dir.format(recipe=recipe.name, lora_r=adapter_args.lora_r, seed=sft_config.seed)
     check_reporters(sft_config.report_to)
+    check_not_diverged_before(sft_config.output_dir)  # a torchrun restart would diverge again
     # Before anything is loaded: a refusal should not cost a model load.
     resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir, data_args.overwrite_output_dir)
     if resume:
@@ -84,9 +85,8 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     elif not sft_config.resume_from_checkpoint:
         prepare_fresh_output_dir(sft_config.output_dir, data_args.overwrite_output_dir)
     model_path = check_model_path(resolve_model(model_args.model))
-    preflight(sft_config.output_dir, model_path, adapter_args, recipe, {
-        **run_settings(adapter_args, recipe, sft_config.seed), "--target_modules": adapter_args.target_modules,
-        "--resume_from_checkpoint": resume, "--output_dir": sft_config.output_dir, "--max_bad_steps": sft_config.max_bad_steps})
+    preflight(sft_config.output_dir, model_path, adapter_args, recipe, agreed_settings(adapter_args, model_path, data_args,
+                                                                                       sft_config, recipe, resume))
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
     attn = choose_attention(model_args.attn_implementation)
@@ -124,6 +124,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     finally:
         signals.uninstall()
     if guard.stop_signal is not None and trainer.state.global_step < trainer.state.max_steps:
+        trainer.save_stop_checkpoint()
         exit_stopped_by_signal(guard.stop_signal, trainer.state, sft_config.output_dir)
     if guard.skipped:
         logger.warning("%d step(s) had a non-finite loss and were skipped: %s", len(guard.skipped), guard.skipped)
@@ -264,6 +265,16 @@ def run_settings(adapter_args, recipe: Recipe, seed: int) -> dict:
     explicit = isinstance(targets, list) and not is_all_linear(targets)
     return {"--recipe": recipe.name, "--seed": seed, "--lora_r": adapter_args.lora_r, "--lora_alpha": adapter_args.lora_alpha,
             "--use_rslora": adapter_args.use_rslora, "--target_modules": targets if explicit else None}
+
+
+def agreed_settings(adapter_args, model_path: str, data_args, sft_config, recipe: Recipe, resume: str | None) -> dict:
+    """What every rank must share, by flag: ranks that differ in any of these would train
+    different things, or call collectives a different number of times and hang."""
+    return {**run_settings(adapter_args, recipe, sft_config.seed), "--target_modules": adapter_args.target_modules,
+            "--model": model_path, "--dataset": data_args.dataset, "--resume_from_checkpoint": resume,
+            "--output_dir": sft_config.output_dir, **{f"--{name}": getattr(sft_config, name) for name in (
+                "max_bad_steps", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+                "learning_rate", "max_length", "save_strategy", "save_steps", "deepspeed", "packing")}}
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:

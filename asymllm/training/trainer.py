@@ -74,6 +74,12 @@ class LorasymSFTTrainer(SFTTrainer):
                 return backward(loss, **kwargs)
         self.accelerator.backward = guarded_backward
 
+    def save_stop_checkpoint(self) -> None:
+        """After a stop signal: the step's checkpoint, unless the loop saved it (save_strategy
+        `best` may decline to save on an evaluation step). Every rank calls it."""
+        if getattr(self, "_saved_at_step", None) != self.state.global_step:
+            self._save_checkpoint(self.model_wrapped, trial=None)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if self._last_log is None:
@@ -91,6 +97,8 @@ class LorasymSFTTrainer(SFTTrainer):
         """The Trainer's checkpoint, then its completion marker (written last, by rank 0, once
         every rank has written its files), then the rotation of old checkpoints: rotating
         first could delete the last complete checkpoint while the new one is still unmarked."""
+        if getattr(self, "_saved_at_step", None) == self.state.global_step:
+            return  # a stop's save then the epoch end's at the same step: once is complete
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             clear_for_save(folder)
@@ -101,6 +109,7 @@ class LorasymSFTTrainer(SFTTrainer):
         finally:
             self.args.save_total_limit = limit
         barrier()
+        self._saved_at_step = self.state.global_step
         if self.args.should_save:
             write_marker(folder, self.state.global_step)
             rotate_checkpoints(output_dir=os.path.dirname(folder), save_total_limit=limit,
