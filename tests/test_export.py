@@ -524,7 +524,8 @@ def test_model_card_has_base_recipe_rank_data_and_evaluation(base_dir, tmp_path)
                      f"| rank r | {R} |", f"| lora_alpha | {ALPHA} |", "8/4 = 2", "| adapted modules | 14 (",
                      "my_instructions.jsonl", "0.1 of the training data", "300 steps, learning rate 0.0002, global batch 16",
                      "DeepSpeed zero3.json", "train_loss 1.234", "eval_loss 1.5", "eval/mmlu.json: accuracy 0.4536",
-                     "categories.stem 0.41", "Verification passed", "float32", "from_pretrained"):
+                     "categories.stem 0.41", "Verification passed", "float32", "from_pretrained",
+                     f"vllm serve {tmp_path / 'out'}\n"):
         assert expected in card, expected
 
 
@@ -558,7 +559,10 @@ def test_adapter_only_export_loads_in_plain_peft(adapter_dir, base_dir, tmp_path
     assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], source[k].to(torch.bfloat16)) for k in written)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == base_dir and config["inference_mode"] is True
-    assert "library_name: peft" in (out / "README.md").read_text() and result.dtype == "bfloat16"
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and result.dtype == "bfloat16"
+    # rank 4: vLLM's smallest --max-lora-rank above 1 is 8
+    assert f"vllm serve {base_dir} --enable-lora --lora-modules served={out} --max-lora-rank 8" in card
     ids = token_ids(base_dir)
     torch.save(ids, tmp_path / "ids.pt")
     (tmp_path / "peft_load.py").write_text(PLAIN_PEFT)

@@ -228,6 +228,7 @@ def test_run_model_card_names_the_real_base_recipe_rank_and_data(short_run, tiny
     assert "- data: asymllm built-in instruction data (split train); held out: built-in held-out set" in card
     assert f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{tiny_model_dir}"), "{output_dir}/adapter")' in card
     assert "## Results" in card and "steps 3" in card  # rewritten at the end, with metrics.json
+    assert f"vllm serve {tiny_model_dir} --enable-lora --lora-modules out={output_dir}/adapter --max-lora-rank 16" in card
 
 
 def test_a_trainer_used_outside_asymllm_train_writes_no_card_naming_none(tiny_model_dir, tmp_path):

@@ -147,7 +147,7 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
                                          base_name=base or source.config.get("base_model_name_or_path"))
             files += save_tokenizer(shipped_tokenizer, tmp)
             line = verify_adapter_export(tmp, source, base_ckpt, out_dtype) if verify else None
-            write_text(tmp, "README.md", model_card(source, base_ckpt, plan, out_dtype, line, adapter_only=True))
+            write_text(tmp, "README.md", model_card(source, base_ckpt, plan, out_dtype, line, adapter_only=True, output=output))
         total = sum(t.numel() * (out_dtype or t.dtype).itemsize for t in source.tensors.values())
         return ExportResult(output, DTYPE_NAMES.get(out_dtype, "as saved"), files + ["README.md"], total, 0,
                             source.description, None, line, time.perf_counter() - start)
@@ -165,7 +165,7 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
             if not check.passed:
                 raise ExportError(f"verification {check.line()}; nothing written (--no-verify skips the check)")
         write_text(tmp, "README.md", model_card(source, base_ckpt, plan, out_dtype, check and check.line(),
-                                                adapter_only=False))
+                                                adapter_only=False, output=output))
     return ExportResult(output, DTYPE_NAMES[out_dtype], files + ["README.md"], layout.total_bytes, len(plan.deltas),
                         source.description, check, check and check.line(), time.perf_counter() - start)
 

@@ -12,6 +12,7 @@ import torch
 from ..adapters.recipe import describe
 from ..builtin import MARKER as BUILTIN_MARKER
 from ..run_record import RUN_RECORD, read_json, training_lines
+from ..serving import vllm_adapter_command, vllm_merged_command
 from .common import DTYPE_NAMES, PREFIX
 from .merge_plan import MergePlan
 from .safetensors_io import BaseCheckpoint
@@ -19,7 +20,7 @@ from .source import AdapterSource
 
 
 def model_card(source: AdapterSource, base: BaseCheckpoint | None, plan: MergePlan | None, dtype: torch.dtype | None,
-               check: str | None, adapter_only: bool) -> str:
+               check: str | None, adapter_only: bool, output: str | None = None) -> str:
     from .. import __version__
 
     base_name = base.name if base else source.config.get("base_model_name_or_path") or "unknown"
@@ -55,9 +56,11 @@ def model_card(source: AdapterSource, base: BaseCheckpoint | None, plan: MergePl
              "model = AutoModelForCausalLM.from_pretrained(\"<this folder>\")\n"
              "tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\")" if not adapter_only else
              "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-             f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"<this folder>\")\n"
-             f"# vLLM: LLM(model=\"{base_name}\", enable_lora=True, max_lora_rank={max(r or 0, 8)}) + LoRARequest(\"name\", 1, \"<this folder>\")")
-    lines += ["## Use", "", "```python", usage, "```", "",
+             f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base_name}\"), \"<this folder>\")")
+    folder = os.path.abspath(output) if output else "<this folder>"
+    serve = (vllm_adapter_command(base_name, os.path.basename(folder), folder, r) if adapter_only
+             else vllm_merged_command(folder))
+    lines += ["## Use", "", "```python", usage, "```", "", "## Serve", "", "```bash", serve, "```", "",
               f"Exported by asymllm {__version__} on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     return "\n".join(lines)
 

@@ -53,6 +53,7 @@ def write_run_card(output_dir: str) -> str | None:
 def run_card(output_dir: str, record: dict) -> str:
     from .. import __version__
     from ..adapters.recipe import Recipe, describe
+    from ..serving import vllm_adapter_command
 
     base, hub_id, weights_note = _base_model(record)
     adapter = record.get("adapter", {})
@@ -79,7 +80,10 @@ def run_card(output_dir: str, record: dict) -> str:
     adapter_dir = os.path.join(output_dir, "adapter")
     lines += ["", "## Use", "", "```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
               f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{hub_id or base}\"), \"{adapter_dir}\")",
-              "```", "", f"Written by asymllm {__version__}; the full configuration is in asymllm_run.json.", ""]
+              "```", "", "## Serve", "", "```bash",
+              vllm_adapter_command(hub_id or base, os.path.basename(os.path.abspath(output_dir)), adapter_dir, r) if r else
+              "# the adapter's rank is not known yet (no adapter_config.json)", "```", "",
+              f"Written by asymllm {__version__}; the full configuration is in asymllm_run.json.", ""]
     return "\n".join(lines)
 
 
