@@ -4,6 +4,7 @@
     asymllm train [flags]      fine-tune with a LoRASYM adapter (see asymllm train --help)
     asymllm demo               a LoRASYM adapter on the built-in model, end to end
     asymllm eval <task>        mmlu, alpaca, report (see asymllm/evaluation/command.py)
+    asymllm chat               talk to a tuned model (terminal, or --prompt for one reply)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ COMMANDS = {
     "eval": ("asymllm.evaluation.command", "main", "evaluate: mmlu, alpaca (generation + judge), report"),
     "sweep": ("asymllm.sweep", "main", "train + evaluate every recipe x rank x seed; table and plot"),
     "export": ("asymllm.export.command", "main", "merge an adapter into its base (plain transformers folder) or re-save it for serving"),
+    "chat": ("asymllm.chat", "main", "talk to a tuned model: --adapter RUN/adapter or --model DIR; --prompt for one reply"),
     "demo": ("asymllm.demo", "main", "adapter demo on the built-in model"),
 }
 

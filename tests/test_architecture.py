@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "asymllm"
 PARTS = ("adapters", "training", "evaluation", "export")
-ENTRY_POINTS = ("asymllm.cli", "asymllm.sweep", "asymllm.demo")  # top-level commands (sweep/ a package): may use every part
+ENTRY_POINTS = ("asymllm.cli", "asymllm.sweep", "asymllm.demo", "asymllm.chat")  # top-level commands (sweep/ a package): may use every part
 # part -> the parts it may import besides itself and the shared top-level helpers
 UPSTREAM = {"adapters": set(), "training": {"adapters"}, "evaluation": {"adapters"}, "export": {"adapters"}}
 MAX_LINES = 400

@@ -335,6 +335,7 @@ def print_next_steps(output_dir: str, adapter_dir: str, metrics: dict, written: 
         f"model card: {optional['README.md']}" if "README.md" in optional else None,
         f"run record: {record}" if os.path.isfile(record) else None,
         "next:",
+        f"  asymllm chat --adapter {adapter_dir}    # talk to it (--prompt \"...\" for one reply)",
         f"  asymllm eval alpaca --adapter {adapter_dir} --max_new_tokens 64    # held-out exact match, health figures",
         f"  asymllm eval mmlu --adapter {adapter_dir} --limit 10    # 10 questions per subject; drop --limit for all",
         f"  asymllm export --adapter {adapter_dir} --output {os.path.join(output_dir, 'merged')}",

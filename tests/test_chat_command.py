@@ -1,0 +1,102 @@
+"""`asymllm chat` on a tiny model: the one-shot reply is exactly `model.generate`'s under
+greedy decoding; the terminal keeps the conversation, /reset and /system work, Ctrl-D and
+Ctrl-C leave without a traceback, a full context is said."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from asymllm.chat import main
+from asymllm.evaluation.generation import prepare_tokenizer
+from asymllm.tiny import save_tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHAT = [sys.executable, "-m", "asymllm.cli", "chat"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(str(tmp_path_factory.mktemp("chat") / "model"))
+
+
+def generate_directly(model_dir: str, messages: list[dict], max_new_tokens: int) -> str:
+    """What transformers alone replies: the chat template, greedy generate, decoded to EOS."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prepare_tokenizer(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[:new.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def test_one_shot_prints_exactly_the_greedy_reply(model_dir, capsys, monkeypatch):
+    main(["--model", model_dir, "--prompt", "Reverse the word: stone", "--max_new_tokens", "12"])
+    expected = generate_directly(model_dir, [{"role": "user", "content": "Reverse the word: stone"}], 12)
+    assert expected and capsys.readouterr().out == expected + "\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Reverse the word: stone"))
+    main(["--model", model_dir, "--prompt", "-", "--system", "Be brief.", "--max_new_tokens", "12"])
+    expected = generate_directly(model_dir, [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Reverse the word: stone"}], 12)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def _terminal(model_dir: str, lines: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CHAT, "--model", model_dir, "--max_new_tokens", "8", *flags], input=lines, capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def _replies(stdout: str) -> list[str]:
+    return [chunk.split("\n(")[0].split("you> ")[0].strip() for chunk in stdout.split("assistant> ")[1:]]
+
+
+def test_terminal_keeps_the_conversation_and_resets_it(model_dir):
+    done = _terminal(model_dir, "hi\nhow are you\n/reset\nhi\n/system Be terse.\nhi\n/bogus\n/exit\n")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    first, second, after_reset, with_system = _replies(done.stdout)
+    assert first == after_reset  # the same question with no history: the same greedy reply
+    assert "(conversation reset)" in done.stdout and "(conversation reset; system prompt: Be terse.)" in done.stdout
+    assert "(unknown command /bogus; commands:" in done.stdout
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": generate_directly(model_dir, [{"role": "user", "content": "hi"}], 8)},
+               {"role": "user", "content": "how are you"}]
+    assert second.replace("\n", " ").split() == generate_directly(model_dir, history, 8).replace("\n", " ").split()
+    assert with_system.split() == generate_directly(model_dir, [{"role": "system", "content": "Be terse."},
+                                                                {"role": "user", "content": "hi"}], 8).split()
+
+
+def test_ctrl_d_and_ctrl_c_leave_without_a_traceback(model_dir):
+    done = _terminal(model_dir, "hi\n")  # stdin ends: Ctrl-D
+    assert done.returncode == 0 and "Traceback" not in done.stderr and done.stdout.rstrip().endswith("you>")
+    proc = subprocess.Popen([*CHAT, "--model", model_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO)
+    seen, deadline = b"", time.monotonic() + 120
+    while b"you> " not in seen and time.monotonic() < deadline:
+        seen += os.read(proc.stdout.fileno(), 1024)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def test_a_full_context_is_said_and_the_turn_dropped(tmp_path):
+    small = save_tiny_model(str(tmp_path / "small"), max_positions=48)
+    done = _terminal(small, "word " * 60 + "\nhi\n")
+    assert done.returncode == 0, done.stderr
+    assert "(the context is full: " in done.stdout and " prompt tokens of 48; /reset to start a new conversation)" in done.stdout
+
+
+def test_a_missing_adapter_folder_is_a_clear_error(tmp_path):
+    done = subprocess.run([*CHAT, "--adapter", str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 1 and done.stderr.strip().endswith(f"asymllm chat: error: --adapter {tmp_path / 'nope'}: no such folder")
