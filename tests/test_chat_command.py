@@ -100,3 +100,33 @@ def test_a_full_context_is_said_and_the_turn_dropped(tmp_path):
 def test_a_missing_adapter_folder_is_a_clear_error(tmp_path):
     done = subprocess.run([*CHAT, "--adapter", str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 1 and done.stderr.strip().endswith(f"asymllm chat: error: --adapter {tmp_path / 'nope'}: no such folder")
+
+
+
+LAST_WORD = [("fast window king fox", "fox"), ("lion lamp queen cat", "cat"), ("cloud tiger blue river", "river"),
+             ("rock house game dark", "dark")]  # the first four of the built-in held-out set's "last word" task
+
+
+@pytest.mark.slow
+def test_the_built_in_default_trained_briefly_answers_a_built_in_task(tmp_path, capsys):
+    """40 steps of the built-in default (SmolLM2-135M, A_rand_hB_zero r=16) at lr 3e-3, then `asymllm
+    chat --adapter ... --prompt` on held-out questions as a user asks them; the base model alone
+    answers none of them with the bare word."""
+    from asymllm.training.train import main as train
+
+    train(["--output_dir", str(tmp_path / "run"), "--max_steps", "40", "--learning_rate", "3e-3", "--save_strategy", "no",
+           "--max_length", "128"])
+
+    def ask(*flags) -> list[str]:
+        capsys.readouterr()
+        replies = []
+        for words, _ in LAST_WORD:
+            main([*flags, "--prompt", f"What is the last word?\n\n{words}", "--max_new_tokens", "12"])
+            replies.append(capsys.readouterr().out.strip())
+        return replies
+
+    tuned, base = ask("--adapter", str(tmp_path / "run" / "adapter")), ask()
+    print("tuned:", tuned, "base:", base)
+    answers = [answer for _, answer in LAST_WORD]
+    assert sum(r == a for r, a in zip(tuned, answers)) >= 3, tuned
+    assert not any(r == a for r, a in zip(base, answers)), base
