@@ -148,3 +148,16 @@ def test_learning_rates_are_selected_on_validation_then_run_with_fresh_seeds_and
     report = (output / "sweep.md").read_text()
     assert "## Selection" in report and "60 of the 480 training examples" in report and "## Final" in report
     assert "Paired against hA_he_hB_zero at the same rank" in report and "A_rand_hB_zero r=4 lr=0.01" in report
+
+
+def test_a_result_json_cut_short_by_a_kill_reruns_the_cell_instead_of_crashing(tmp_path, caplog):
+    """A sweep killed while a cell wrote result.json left it empty, and the resumed sweep died
+    on it with a JSONDecodeError (seen in CI). The file is now written whole or not at all, and
+    an unreadable one counts as not done."""
+    from asymllm.sweep.cells import load_result, write_result
+
+    (tmp_path / "result.json").write_text("")
+    assert load_result(str(tmp_path)) is None
+    assert f"{tmp_path / 'result.json'} is unreadable" in caplog.text
+    write_result(str(tmp_path), {"heldout_loss": 0.5})
+    assert load_result(str(tmp_path)) == {"heldout_loss": 0.5} and sorted(os.listdir(tmp_path)) == ["result.json"]

@@ -124,11 +124,24 @@ def cell_settings(spec: RunSpec, phase: Phase, args) -> dict:
 
 
 def load_result(run_dir: str) -> dict | None:
+    """The cell's result.json, or None: not there, or unreadable (then the cell runs again)."""
     path = os.path.join(run_dir, "result.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        logger.warning("%s is unreadable (%s): the cell runs again", path, error)
+        return None
+
+
+def write_result(run_dir: str, result: dict) -> None:
+    """Whole or not at all: a sweep killed mid-write must not leave a half file behind."""
+    path = os.path.join(run_dir, "result.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def stale_reason(result: dict, run_dir: str, settings: dict) -> str | None:
@@ -181,8 +194,7 @@ def run_one(spec: RunSpec, run_dir: str, phase: Phase, args, settings: dict, tra
         _run([*_entry("", "eval"), "mmlu", "--adapter", adapter, "--output_dir", eval_dir, *overwrite], run_dir, "eval_mmlu")
     result = {**collect(spec, train_dir, eval_dir, time.perf_counter() - start), "lora_alpha": settings["lora_alpha"],
               "adapter_fingerprint": evaluated, "settings": settings}
-    with open(os.path.join(run_dir, "result.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_result(run_dir, result)
     return result
 
 
