@@ -260,35 +260,28 @@ def _json_cell(value, location: str, name: str):
 
 
 def _messages(value, location: str, name: str) -> list[dict]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(f"{location}: field '{name}' must be a non-empty list of {{role, content}} messages")
-    messages = []
-    for k, message in enumerate(value):
-        here = f"{name}[{k}]"
-        if not isinstance(message, dict):
-            raise DataError(f"{location}: field '{here}' must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in ROLES:
-            raise DataError(f"{location}: field '{here}.role' is {role!r}; expected one of {', '.join(ROLES)}")
-        content = _text(message, "content", location, required=role != "system", label=f"{here}.content")
-        messages.append(_turn(role, content))
-    return messages
+    return _turns(value, location, name, {role: role for role in ROLES}, "role", "content", "messages")
 
 
 def _sharegpt_turns(value, location: str) -> list[dict]:
     """ShareGPT's [{from, value}, ...] as chat messages."""
+    return _turns(value, location, "conversations", SHAREGPT_ROLES, "from", "value", "turns")
+
+
+def _turns(value, location: str, name: str, roles: dict, speaker: str, text: str, noun: str) -> list[dict]:
+    """A list of {speaker: ..., text: ...} objects as chat messages; `roles` maps speakers to roles."""
     if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(f"{location}: field 'conversations' must be a non-empty list of {{from, value}} turns")
+        raise DataError(f"{location}: field '{name}' must be a non-empty list of {{{speaker}, {text}}} {noun}")
     messages = []
     for k, turn in enumerate(value):
-        here = f"conversations[{k}]"
+        here = f"{name}[{k}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{location}: field '{here}' must be an object with 'from' and 'value'")
-        speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise DataError(f"{location}: field '{here}.from' is {speaker!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        role = SHAREGPT_ROLES[speaker]
-        messages.append(_turn(role, _text(turn, "value", location, required=role != "system", label=f"{here}.value")))
+            raise DataError(f"{location}: field '{here}' must be an object with '{speaker}' and '{text}'")
+        who = turn.get(speaker)
+        if who not in roles:
+            raise DataError(f"{location}: field '{here}.{speaker}' is {who!r}; expected one of {', '.join(roles)}")
+        role = roles[who]
+        messages.append(_turn(role, _text(turn, text, location, required=role != "system", label=f"{here}.{text}")))
     return messages
 
 
