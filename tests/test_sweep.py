@@ -101,6 +101,24 @@ def test_a_cell_whose_adapter_changed_is_reevaluated_not_reused(tmp_path, caplog
     assert sweep.main(argv)[0]["adapter_fingerprint"]["id"] == new_id
     assert "A_rand_hB_zero-r4-s0: done already, skipped" in caplog.text
 
+    # The adapters pruned (or the sweep resumed on another machine from its committed result
+    # files): only --reuse_without_adapter reuses the numbers, and the report says so.
+    import shutil
+
+    shutil.rmtree(adapter)
+    caplog.clear()
+    kept = sweep.main(["--reuse_without_adapter", *argv])[0]
+    assert "A_rand_hB_zero-r4-s0: done already (its adapter is not here; result.json reused: --reuse_without_adapter)" in caplog.text
+    assert kept["adapter_fingerprint"]["id"] == new_id and not adapter.exists()
+    assert (cell / "train.log").stat().st_mtime_ns == train_log
+    assert "1 of these 1 runs were reused without their adapter" in (tmp_path / "sweep" / "sweep.md").read_text()
+    caplog.clear()
+    retrained = sweep.main(argv)[0]
+    assert "training (result.json is there but its adapter" in caplog.text and adapter.exists()
+    assert (cell / "train.log").stat().st_mtime_ns != train_log
+    assert "reused without their adapter" not in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert retrained["adapter_fingerprint"]["id"] == adapter_fingerprint(str(adapter))["id"]
+
 
 def selection_command(model_dir, output):
     return [sys.executable, "-m", "asymllm.cli", "sweep", "--recipes", "lora,asym", "--ranks", "4",

@@ -23,6 +23,9 @@ from ..adapters.recipe import Recipe
 from ..fingerprint import adapter_fingerprint, fingerprint_changes
 
 logger = logging.getLogger("asymllm.sweep")
+# A result.json of the same settings whose adapter is gone: pruned for disk, or a sweep resumed
+# elsewhere from its committed result files. Reused only when the user says so.
+ADAPTER_GONE = "result.json is there but its adapter"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -93,6 +96,9 @@ def run_cells(specs: list[RunSpec], phase: Phase, args) -> list[dict]:
         stale = None if done is None else stale_reason(done, run_dir, settings)
         if done is not None and stale is None:
             logger.info("%s: done already, skipped", where)
+        elif done is not None and stale.startswith(ADAPTER_GONE) and args.reuse_without_adapter:
+            logger.info("%s: done already (its adapter is not here; result.json reused: --reuse_without_adapter)", where)
+            done = {**done, "reused_without_adapter": True}
         elif done is not None and stale.startswith("the adapter changed") and os.path.isdir(adapter_dir(run_dir)):
             logger.info("%s: %s; re-evaluating", where, stale)
             done = run_one(spec, run_dir, phase, args, settings, train=False, discard_evaluations=True)
@@ -153,7 +159,7 @@ def stale_reason(result: dict, run_dir: str, settings: dict) -> str | None:
         return f"its settings changed ({', '.join(changed)})" if recorded else "result.json records no settings (an older asymllm wrote it)"
     adapter = adapter_dir(run_dir)
     if not os.path.isdir(adapter):
-        return f"result.json is there but its adapter {adapter} is not"
+        return f"{ADAPTER_GONE} {adapter} is not"
     fingerprint = result.get("adapter_fingerprint")
     if fingerprint is None:
         return "result.json records no adapter fingerprint (an older asymllm wrote it)"

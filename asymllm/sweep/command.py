@@ -47,6 +47,10 @@ def parse_args(argv):
     parser.add_argument("--mmlu", action="store_true", help="also run `asymllm eval mmlu` on each adapter")
     parser.add_argument("--eval_flags", default="", help="extra flags for `asymllm eval alpaca`, e.g. '--limit 60'")
     parser.add_argument("--launcher", default="", help="prefix for training, e.g. 'torchrun --nproc_per_node 8' (default: one process)")
+    parser.add_argument("--reuse_without_adapter", action="store_true",
+                        help="reuse a finished cell's result.json of the same settings even when its adapter folder is "
+                             "gone (pruned, or the sweep resumed on another machine from its result files); "
+                             "without it such a cell is trained again. sweep.md counts the cells reused so")
     parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every `asymllm train`")
     args = parser.parse_args(argv)
     args.train_flags = [f for f in args.train_flags if f != "--"]

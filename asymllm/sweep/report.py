@@ -37,8 +37,18 @@ def write_markdown(path: str, final: list[dict], reference: str, selection: list
     for title, pairs in comparisons(final, reference):
         lines += ["", title, ""] + paired_table(pairs)
     lines += ["", "Every run:", "", *run_table(final)]
+    lines += reuse_note([*(selection or []), *final])
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def reuse_note(results: list[dict]) -> list[str]:
+    """Numbers whose adapter is no longer there to re-check are said to be so."""
+    reused = [r for r in results if r.get("reused_without_adapter")]
+    if not reused:
+        return []
+    return ["", f"{len(reused)} of these {len(results)} runs were reused without their adapter (--reuse_without_adapter): "
+            "their result.json is of these settings; the adapter fingerprint it records could not be checked again."]
 
 
 def config_table(results: list[dict], mark: dict | None = None) -> list[str]:
