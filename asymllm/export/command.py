@@ -4,6 +4,7 @@
     asymllm export --adapter OUT/checkpoint-500 --output merged/ --dtype bf16 --max_shard_size 2GB
     asymllm export --adapter OUT/adapter --output served/ --adapter_only  # peft adapter for vLLM/TGI
     asymllm export --adapter OUT/adapter --output merged/ --tokenizer ORIGINAL_MODEL/   # base has no tokenizer files
+    asymllm export --adapter OUT --output gguf/ --format gguf --gguf_type q8_0   # one .gguf for llama.cpp / ollama
 
 The merged folder (config, safetensors shards + index, tokenizer with its chat template,
 generation config, README.md model card) loads with `AutoModelForCausalLM.from_pretrained(DIR)`
@@ -50,8 +51,11 @@ from ..builtin import _make_readable
 from ..cli_args import ArgumentParser
 from .common import DTYPE_NAMES, DTYPES, ExportError, write_text
 from .files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
+from .gguf_file import GGUF_TYPES, check_architecture, plan_tensors, write_gguf
+from .gguf_verify import verify_gguf
+from .gguf_vocab import gguf_vocab
 from .merge_plan import plan_merge, plan_shards, write_merged_weights
-from .model_card import model_card
+from .model_card import gguf_card, model_card, ollama_modelfile
 from .safetensors_io import BaseCheckpoint
 from .source import find_adapter_dir, read_adapter, resolve_base
 from .verify import Verification, verify_adapter_export, verify_merged
@@ -71,6 +75,9 @@ class ExportArgs:
     overwrite: bool = False
     adapter_only: bool = False
     tokenizer: str | None = None      # folder to take the tokenizer from, or "none"; default: the adapter's, else the base's
+    format: str = "hf"                # hf: a transformers folder; gguf: one .gguf file (+ Modelfile, README.md)
+    gguf_type: str = "f16"            # f16 | bf16 | f32 | q8_0
+    gguf_pre_tokenizer: str | None = None  # llama.cpp pre-tokenizer name, when asymllm does not recognise it
 
 
 @dataclass
@@ -105,7 +112,23 @@ def parse_args(argv: list[str] | None = None) -> ExportArgs:
     parser.add_argument("--tokenizer", metavar="PATH|none",
                         help="folder to take the tokenizer from (default: the adapter's, else the base model's; a base "
                              f"without tokenizer files is refused), or '{NO_TOKENIZER}' to export without one")
-    return ExportArgs(**vars(parser.parse_args(argv)))
+    gguf = parser.add_argument_group("--format gguf: one file for llama.cpp and ollama")
+    gguf.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                      help="hf: a transformers folder (default); gguf: the merged model as one .gguf file named after "
+                           "the run, with its tokenizer and chat template, an ollama Modelfile and a README.md")
+    gguf.add_argument("--gguf_type", choices=list(GGUF_TYPES), default="f16",
+                      help="weights in the .gguf file (default f16); norms stay f32, as llama.cpp keeps them")
+    gguf.add_argument("--gguf_pre_tokenizer", metavar="NAME",
+                      help="llama.cpp's pre-tokenizer name for a tokenizer asymllm does not recognise (e.g. llama-bpe)")
+    args = parser.parse_args(argv)
+    if args.format == "gguf":
+        given = [flag for flag, value in (("--dtype", args.dtype), ("--adapter_only", args.adapter_only),
+                                          ("--max_shard_size", args.max_shard_size != "5GB")) if value]
+        if given:
+            parser.error(f"{', '.join(given)}: not for --format gguf (its weights type is --gguf_type)")
+    elif args.gguf_type != "f16" or args.gguf_pre_tokenizer:
+        parser.error("--gguf_type and --gguf_pre_tokenizer are for --format gguf")
+    return ExportArgs(**vars(args))
 
 
 def main(argv: list[str] | None = None) -> ExportResult:
@@ -124,8 +147,11 @@ def main(argv: list[str] | None = None) -> ExportResult:
 
 def export(adapter: str, output: str, base: str | None = None, dtype: str | None = None,
            max_shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False,
-           adapter_only: bool = False, tokenizer: str | None = None) -> ExportResult:
+           adapter_only: bool = False, tokenizer: str | None = None, format: str = "hf", gguf_type: str = "f16",
+           gguf_pre_tokenizer: str | None = None) -> ExportResult:
     """Merge (or, with adapter_only, re-save) an adapter; see the module docstring for the steps."""
+    if format == "gguf":
+        return export_gguf(adapter, output, base, gguf_type, verify, overwrite, tokenizer, gguf_pre_tokenizer)
     start = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -168,6 +194,62 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
                                                 adapter_only=False, output=output))
     return ExportResult(output, DTYPE_NAMES[out_dtype], files + ["README.md"], layout.total_bytes, len(plan.deltas),
                         source.description, check, check and check.line(), time.perf_counter() - start)
+
+
+def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, verify: bool, overwrite: bool,
+                tokenizer: str | None, pre_tokenizer: str | None) -> ExportResult:
+    """The merged model as one .gguf file in `output`, with an ollama Modelfile and a README.md;
+    the same steps as the HF export: every refusal first, then write, verify, publish."""
+    start = time.perf_counter()
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"--gguf_type {gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+    adapter_dir = find_adapter_dir(adapter)
+    base_dir = resolve_base(base, adapter_dir)
+    check_output(output, overwrite, [adapter, adapter_dir, base_dir])
+    base_ckpt = BaseCheckpoint.open(base_dir)
+    check_architecture(base_ckpt.config, f"base model {base_dir}")
+    source = read_adapter(adapter_dir, base_ckpt, base)
+    plan = plan_merge(source, base_ckpt)
+    if tokenizer is not None and tokenizer.lower() == NO_TOKENIZER:
+        raise ExportError("--tokenizer none: a GGUF file carries its tokenizer; llama.cpp and ollama cannot run one "
+                          "without it (pass --tokenizer PATH, or leave it out to use the adapter's or the base's)")
+    shipped = choose_tokenizer(tokenizer, [("--adapter folder", adapter_dir), ("base model folder", base_dir)],
+                               base_ckpt.config.get("vocab_size"), required=True)
+    tensors = plan_tensors(base_ckpt, gguf_type)
+    total = sum(t.nbytes for t in tensors)
+    check_disk_space(output, total)
+    name = run_name(source)
+    file_name = f"{name}-{gguf_type}.gguf"
+    with tempfile.TemporaryDirectory(prefix="asymllm-gguf-tokenizer-") as scratch:
+        save_tokenizer(shipped, scratch)  # tokenizer.json in its current layout, reloaded and checked
+        vocab = gguf_vocab(shipped, scratch, int(base_ckpt.config["vocab_size"]), pre_tokenizer)
+    # every refusal happens before this line
+    with staging(output, overwrite) as tmp:
+        write_gguf(os.path.join(tmp, file_name), base_ckpt, plan, tensors, vocab, gguf_type, name)
+        check = None
+        if verify:
+            check = verify_gguf(os.path.join(tmp, file_name), base_dir, source, gguf_type, shipped)
+            if not check.passed:
+                raise ExportError(f"verification {check.line()}; nothing written (--no-verify skips the check)")
+        stop = shipped.eos_token
+        write_text(tmp, "Modelfile", ollama_modelfile(file_name, vocab.chat_template, stop))
+        write_text(tmp, "README.md", gguf_card(source, base_ckpt, gguf_type, file_name, name, check and check.line(),
+                                               os.path.abspath(output)))
+    logger.info("wrote %s: %d tensors, %.3f GB, %s", file_name, len(tensors), total / 1e9, gguf_type)
+    return ExportResult(output, gguf_type, [file_name, "Modelfile", "README.md"], total, len(plan.deltas),
+                        source.description, None, check and check.line(), time.perf_counter() - start)
+
+
+def run_name(source) -> str:
+    """What the .gguf file is named after: the run folder (with the checkpoint, when one was
+    exported), else the adapter folder."""
+    folder = os.path.abspath(source.directory)
+    parent, leaf = os.path.split(folder)
+    if source.run_dir:
+        name = os.path.basename(source.run_dir) + ("" if leaf == "adapter" else f"-{leaf}")
+    else:
+        name = os.path.basename(parent) if leaf == "adapter" else leaf
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
 
 
 # ---------------------------------------------------------------------------------------

@@ -108,3 +108,42 @@ def _numbers(record: dict, prefix: str = "") -> list[tuple[str, float]]:
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ChatML (SmolLM2, Qwen, the tiny test models) in ollama's Go template language. Other chat
+# templates are left to ollama, which reads tokenizer.chat_template from the file.
+OLLAMA_CHATML = ('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+                 '{{ end }}<|im_start|>assistant\n"""')
+
+
+def ollama_modelfile(file_name: str, chat_template: str | None, stop: str | None) -> str:
+    lines = ["# ollama create NAME -f Modelfile && ollama run NAME   (from this folder)", f"FROM ./{file_name}"]
+    if chat_template and "<|im_start|>" in chat_template:
+        lines.append(OLLAMA_CHATML)
+    if stop:
+        lines.append(f'PARAMETER stop "{stop}"')
+    return "\n".join(lines) + "\n"
+
+
+def gguf_card(source: AdapterSource, base: BaseCheckpoint, gguf_type: str, file_name: str, name: str,
+              check: str | None, folder: str) -> str:
+    from .. import __version__
+
+    config = source.config
+    recipe = describe(source.recipe) + f", seed {source.seed}" if source.recipe else "unknown (no lorasym.json)"
+    run = read_json(os.path.join(source.run_dir, RUN_RECORD)) if source.run_dir else None
+    path = os.path.join(folder, file_name)
+    lines = ["---", f"base_model: {base.name}", "library_name: gguf", "pipeline_tag: text-generation", "tags:",
+             "- asymllm", "- lorasym", "- gguf", "---", "", f"# {name} (GGUF, {gguf_type})", "",
+             "A LoRASYM adapter merged into its base (W = W0 + s * B @ A in fp32, then stored as "
+             f"{gguf_type}; norms f32) in one GGUF file for llama.cpp and ollama, with its tokenizer and chat template.",
+             "", "| | |", "|---|---|", f"| file | {file_name} |", f"| base model | {base.name} |",
+             f"| recipe | {recipe} |", f"| rank r | {config.get('r')} |", f"| lora_alpha | {config.get('lora_alpha')} |",
+             f"| adapter source | {source.description} |", "", "## Training", ""] + training_lines(run)
+    lines += ["", "## Export check", "", f"Verification {check}." if check else "Not verified (--no-verify).", "",
+              "## Run", "", "```bash", f"llama-cli -m {path}            # chat, with the file's chat template",
+              f"llama-server -m {path} --port 8080   # OpenAI-compatible server",
+              f"cd {folder} && ollama create {name} -f Modelfile && ollama run {name}", "```", "",
+              "transformers reads it too: `AutoModelForCausalLM.from_pretrained(folder, gguf_file=\"" + file_name + "\")`.",
+              "", f"Exported by asymllm {__version__} on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    return "\n".join(lines)

@@ -63,8 +63,6 @@ def verify_merged(merged_dir: str, base_dir: str, source: AdapterSource, dtype: 
     (see _argmax_mismatches)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..adapters.files import load_lorasym_model
-
     tokenizer = AutoTokenizer.from_pretrained(merged_dir) if os.path.isfile(
         os.path.join(merged_dir, "tokenizer_config.json")) else None
     batches = _prompt_ids(tokenizer, int(read_json(os.path.join(merged_dir, "config.json"))["vocab_size"]))
@@ -72,11 +70,7 @@ def verify_merged(merged_dir: str, base_dir: str, source: AdapterSource, dtype: 
     merged_logits = _logits(merged, batches)
     del merged
     with contextlib.ExitStack() as stack:
-        adapter_dir = source.directory
-        if source.rebuilt_from_shards:  # peft reads folders: write the rebuilt adapter to a scratch one
-            adapter_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="asymllm-export-adapter-"))
-            write_adapter_folder(adapter_dir, source.tensors, source.config, source.recipe, source.seed)
-        reference = load_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), adapter_dir).eval()
+        reference = _reference_model(base_dir, source, dtype, stack)
         reference_logits = _logits(reference, batches)
         if dtype == torch.float32:  # peft's merge of the same model, in place: the rounding a correct merge has
             peft_merged_logits = _logits(reference.merge_and_unload(safe_merge=True), batches)
@@ -94,6 +88,19 @@ def verify_merged(merged_dir: str, base_dir: str, source: AdapterSource, dtype: 
         result = Verification(DTYPE_NAMES[dtype], len(batches), positions, diff, mismatches, rule, mismatches == 0)
     # not logged here: `asymllm export` prints result.line() once, and a failure's ExportError carries it
     return result
+
+
+def _reference_model(base_dir: str, source: AdapterSource, dtype: torch.dtype, stack: contextlib.ExitStack):
+    """The base with the adapter applied through peft, unmerged: what an export must equal."""
+    from transformers import AutoModelForCausalLM
+
+    from ..adapters.files import load_lorasym_model
+
+    adapter_dir = source.directory
+    if source.rebuilt_from_shards:  # peft reads folders: write the rebuilt adapter to a scratch one
+        adapter_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="asymllm-export-adapter-"))
+        write_adapter_folder(adapter_dir, source.tensors, source.config, source.recipe, source.seed)
+    return load_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), adapter_dir).eval()
 
 
 def fp32_bound(reference: list[torch.Tensor], peft_merged: list[torch.Tensor]) -> tuple[float, float, float, str]:
@@ -133,15 +140,15 @@ def _prompt_ids(tokenizer, vocab_size: int) -> list[torch.Tensor]:
     if tokenizer is None:  # no tokenizer: fixed pseudo-random ids
         generator = torch.Generator().manual_seed(0)
         return [torch.randint(0, vocab_size, (1, 24), generator=generator) for _ in PROMPTS]
-    ids = []
-    for prompt in PROMPTS:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-        else:
-            text = prompt
-        ids.append(tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"])
-    return ids
+    return [tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"] for text in _prompt_texts(tokenizer)]
+
+
+def _prompt_texts(tokenizer) -> list[str]:
+    """PROMPTS as a user turn in the chat template, when the tokenizer has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(PROMPTS)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in PROMPTS]
 
 
 @torch.no_grad()
