@@ -135,8 +135,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
+    lengths = [len(r) for r in reference]
     print(f"| gguf_type | file MB | export s (incl. check) | texts tokenized as HF ({len(texts)}) | "
-          f"greedy replies equal to transformers' ({len(prompts)}) | equal tokens per reply (of {GREEDY} max) |")
+          f"greedy replies equal to transformers' ({len(prompts)}) | equal leading tokens per reply (transformers' "
+          f"replies: {lengths} tokens, {GREEDY} at most) |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['type']} | {r['MB']:.1f} | {r['export_s']:.1f} | {r.get('tokens_equal', '-')} | "

@@ -143,6 +143,18 @@ def test_the_command_line_prints_the_check(runs, tmp_path, capsys):
     assert f"llama-cli -m {tmp_path / 'out' / 'my-run-q8_0.gguf'}" in card and "ollama create my-run" in card
 
 
+def test_the_file_is_named_after_the_run():
+    from asymllm.export.command import run_name
+    from asymllm.export.source import AdapterSource
+
+    def named(directory, run_dir=None):
+        return run_name(AdapterSource(directory, {}, {}, None, None, "", run_dir))
+    assert named("/x/outputs/A_rand_hB_zero-r16-s42/adapter", "/x/outputs/A_rand_hB_zero-r16-s42") == "A_rand_hB_zero-r16-s42"
+    assert named("/x/my run/checkpoint-40", "/x/my run") == "my-run-checkpoint-40"
+    assert named("/sweep/runs/lora-r16-s0/train/adapter", "/sweep/runs/lora-r16-s0/train") == "lora-r16-s0"  # a sweep cell
+    assert named("/x/saved/adapter") == "saved" and named("/x/my_adapter") == "my_adapter"
+
+
 def test_pre_tokenizer_names_follow_llama_cpp():
     """By llama.cpp's hash of CHKTXT for tokenizers it lists; by structure for plain GPT-2 splitting;
     refused, naming the hash, otherwise."""

@@ -246,10 +246,19 @@ def run_name(source) -> str:
     folder = os.path.abspath(source.directory)
     parent, leaf = os.path.split(folder)
     if source.run_dir:
-        name = os.path.basename(source.run_dir) + ("" if leaf == "adapter" else f"-{leaf}")
+        name = _named_folder(source.run_dir) + ("" if leaf == "adapter" else f"-{leaf}")
     else:
-        name = os.path.basename(parent) if leaf == "adapter" else leaf
+        name = _named_folder(parent) if leaf == "adapter" else leaf
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+
+
+def _named_folder(folder: str) -> str:
+    """The folder's name, or its parent's when the name says nothing (a sweep cell's train/)."""
+    name = os.path.basename(os.path.abspath(folder))
+    return os.path.basename(os.path.dirname(os.path.abspath(folder))) if name in GENERIC_NAMES else name
+
+
+GENERIC_NAMES = ("train", "output", "outputs", "run", "adapter")
 
 
 # ---------------------------------------------------------------------------------------
