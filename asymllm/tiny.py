@@ -113,11 +113,47 @@ def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     )
 
 
-def save_tiny_model(directory: str | os.PathLike, arch: str = "llama", seed: int = 0, **config_kwargs) -> str:
-    """Write a tiny causal LM + `tiny_tokenizer()` + generation_config (eos <|im_end|>, pad
-    <|endoftext|>) to `directory`, loadable with AutoModelForCausalLM / AutoTokenizer. A
-    `vocab_size` keyword sizes the tokenizer; the model's vocabulary is len(tokenizer)."""
-    tokenizer = tiny_tokenizer(config_kwargs.pop("vocab_size", 512))
+# Llama 2's [INST] format, for the sentencepiece-style tokenizer.
+LLAMA2_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST] {{ message['content'] }} [/INST]"
+    "{% else %}{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def tiny_spm_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A sentencepiece-style BPE as Llama 2 and Mistral 7B ship it in tokenizer.json: spaces
+    as ▁ (a Prepend + Replace normalizer, no pre-tokenizer), byte fallback to <0x00>..<0xFF>
+    (ids 3-258), <unk> <s> </s> (0, 1, 2), BOS added; trained here on `tiny_corpus()` within
+    words, as sentencepiece trains."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))])
+    tokenizer.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tokenizer.pre_tokenizer = None  # Llama 2's layout: the normalizer makes the ▁, merges never cross words
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=LLAMA2_CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+                                   model_max_length=512)
+
+
+def save_tiny_model(directory: str | os.PathLike, arch: str = "llama", seed: int = 0, tokenizer: str = "bpe",
+                    **config_kwargs) -> str:
+    """Write a tiny causal LM + `tiny_tokenizer()` (tokenizer="spm": `tiny_spm_tokenizer()`) +
+    generation_config (eos, and pad when the tokenizer has one) to `directory`, loadable with
+    AutoModelForCausalLM / AutoTokenizer. A `vocab_size` keyword sizes the tokenizer; the model's
+    vocabulary is len(tokenizer)."""
+    if tokenizer not in ("bpe", "spm"):
+        raise ValueError(f"tokenizer must be 'bpe' or 'spm', got {tokenizer!r}")
+    make = tiny_tokenizer if tokenizer == "bpe" else tiny_spm_tokenizer
+    tokenizer = make(config_kwargs.pop("vocab_size", 512 if make is tiny_tokenizer else 600))
     model = tiny_causal_lm(arch, seed=seed, vocab_size=len(tokenizer), **config_kwargs)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}

@@ -73,6 +73,25 @@ def test_the_file_reads_back_as_the_adapted_model(runs, arch, gguf_type, tmp_pat
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
 
 
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpp_reads_it(tmp_path):
+    """Llama 2 / Mistral 7B layout (▁ for spaces, <0xNN> byte fallback): llama.cpp's `llama`
+    tokenizer model, each token's score minus the rank of the merge that makes it, byte and unknown
+    token types, a space prefix and BOS, and the file still reads back as the adapted model."""
+    base = save_tiny_model(tmp_path / "base", tokenizer="spm")
+    adapter = make_adapter(base, tmp_path / "spm-run" / "adapter")
+    result = export(adapter=adapter, output=str(tmp_path / "out"), format="gguf", gguf_type="f32")
+    assert result.checked.startswith("passed") and "greedy token differs at 0" in result.checked
+    reader = GGUFReader(gguf_path(tmp_path / "out"))
+    tokens, scores, types = (field(reader, f"tokenizer.ggml.{k}") for k in ("tokens", "scores", "token_type"))
+    merges = field(reader, "tokenizer.ggml.merges")
+    assert field(reader, "tokenizer.ggml.model") == "llama" and field(reader, "tokenizer.ggml.pre") == "default"
+    for rank in (0, 1, 50, len(merges) - 1):
+        assert scores[tokens.index(merges[rank].replace(" ", ""))] == -rank
+    assert types[tokens.index("<0x41>")] == 6 and types[0] == 2 and types[1] == types[2] == 3  # byte, unknown, control
+    assert field(reader, "tokenizer.ggml.add_space_prefix") is True and field(reader, "tokenizer.ggml.add_bos_token") is True
+    assert "without the chat template (sentencepiece style" in result.checked
+
+
 @pytest.mark.parametrize("gguf_type", ["f16", "bf16"])
 def test_half_precision_files_keep_the_greedy_tokens(runs, gguf_type, tmp_path):
     _, adapter = runs("llama")

@@ -228,7 +228,7 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
         write_gguf(os.path.join(tmp, file_name), base_ckpt, plan, tensors, vocab, gguf_type, name)
         check = None
         if verify:
-            check = verify_gguf(os.path.join(tmp, file_name), base_dir, source, gguf_type, shipped)
+            check = verify_gguf(os.path.join(tmp, file_name), base_dir, source, gguf_type, shipped, vocab.model)
             if not check.passed:
                 raise ExportError(f"verification {check.line()}; nothing written (--no-verify skips the check)")
         stop = shipped.eos_token

@@ -4,7 +4,10 @@ dequantizes) against the base + adapter through peft in fp32, on the verificatio
 the reference's own greedy continuation of each.
 
 - tokenizer: the one transformers rebuilds from the file must encode every prompt (chat
-  template included) to the ids the model's tokenizer gives, and carry the same chat template;
+  template included) to the ids the model's tokenizer gives, and carry the same chat template.
+  For a sentencepiece-style vocabulary the templated prompts are left out: transformers
+  rebuilds it with Metaspace(prepend_scheme="first"), which puts no ▁ after a special token,
+  where the model's own tokenizer and llama.cpp do (measured: benchmarks/RESULTS.md gguf_llama_cpp);
 - f32: every logit within the fp32 bound of the HF export (a multiple of peft's own merge rounding);
 - f16, bf16, q8_0: the same greedy tokens; a position whose reference top two logits lie within
   TIE_EPS x the type's rounding step x |top logit| is a near-tie and not counted (stated in the line).
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .source import AdapterSource
-from .verify import TIE_EPS, _logits, _max_abs_diff, _prompt_ids, _prompt_texts, _reference_model, fp32_bound
+from .verify import PROMPTS, TIE_EPS, _logits, _max_abs_diff, _prompt_ids, _prompt_texts, _reference_model, fp32_bound
 
 GREEDY_TOKENS = 16
 # Relative rounding step of a stored weight: f16 and bf16 their eps; q8_0 one level of 255 across a
@@ -39,19 +42,24 @@ class GGUFCheck:
     tokenizer_ok: bool
     rule: str
     passed: bool
+    tokenizer_texts: str = "the prompts"
 
     def line(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         return (f"{verdict}: the GGUF file read back by transformers vs base + adapter (peft, fp32), {self.gguf_type}, "
                 f"{self.prompts} prompts, {self.positions} positions ({self.generated} greedy tokens): max abs logit diff "
                 f"{self.max_abs_diff:.3g}, greedy token differs at {self.mismatches} (near-ties not counted: "
-                f"{self.near_ties}); tokenizer from the file {'encodes the prompts as the model' + chr(39) + 's does' if self.tokenizer_ok else 'DIFFERS'}; "
+                f"{self.near_ties}); tokenizer from the file {'encodes ' + self.tokenizer_texts + ' as the model' + chr(39) + 's does' if self.tokenizer_ok else 'DIFFERS on ' + self.tokenizer_texts}; "
                 f"rule: {self.rule}")
 
 
-def verify_gguf(path: str, base_dir: str, source: AdapterSource, gguf_type: str, tokenizer) -> GGUFCheck:
+def verify_gguf(path: str, base_dir: str, source: AdapterSource, gguf_type: str, tokenizer,
+                tokenizer_model: str = "gpt2") -> GGUFCheck:
     folder, name = os.path.split(path)
-    tokenizer_ok = _tokenizer_reads_back(folder, name, tokenizer)
+    texts = list(PROMPTS) if tokenizer_model == "llama" else [*PROMPTS, *_prompt_texts(tokenizer)]
+    described = ("the prompts without the chat template (sentencepiece style: see gguf_verify)"
+                 if tokenizer_model == "llama" else "the prompts, chat template included")
+    tokenizer_ok = _tokenizer_reads_back(folder, name, tokenizer, texts)
     prompts = _prompt_ids(tokenizer, 0)
     with contextlib.ExitStack() as stack:
         reference = _reference_model(base_dir, source, torch.float32, stack)
@@ -75,17 +83,17 @@ def verify_gguf(path: str, base_dir: str, source: AdapterSource, gguf_type: str,
                 f"{TIE_EPS} x {STEP[gguf_type]:.3g} ({gguf_type}'s step) x |top logit|)")
         passed = mismatches == 0
     return GGUFCheck(gguf_type, len(prompts), positions, generated, diff, mismatches, ties, tokenizer_ok, rule,
-                     passed and tokenizer_ok)
+                     passed and tokenizer_ok, described)
 
 
-def _tokenizer_reads_back(folder: str, name: str, tokenizer) -> bool:
+def _tokenizer_reads_back(folder: str, name: str, tokenizer, texts: list[str]) -> bool:
     from transformers import AutoTokenizer
 
     read_back = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if getattr(read_back, "chat_template", None) != getattr(tokenizer, "chat_template", None):
         return False
     return all(read_back(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
-               for text in _prompt_texts(tokenizer))
+               for text in texts)
 
 
 @torch.no_grad()

@@ -3,18 +3,25 @@
 token type, the BPE merges, the special token ids, whether BOS/EOS are added, the chat template,
 and the pre-tokenizer name llama.cpp splits text with.
 
-Only byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3) are converted here. llama.cpp
-names a pre-tokenizer by the hash of one fixed text's token ids; the hashes of the tokenizers
-this stack is used with are copied from its table, and a tokenizer whose pre-tokenizer is plain
-GPT-2 byte-level (or SmolLM's: digits split one by one, then GPT-2) is recognised by its
-structure. Anything else is refused with the hash, rather than written with a guess that
-would make llama.cpp split text differently from the model's training.
+Two kinds of tokenizer.json are converted:
+- byte-level BPE (GPT-2 style: SmolLM2, Llama 3) as llama.cpp's `gpt2` model. llama.cpp names
+  the pre-tokenizer by the hash of one fixed text's token ids; the hashes of the tokenizers this
+  stack is used with are copied from its table, and a tokenizer whose pre-tokenizer is plain
+  GPT-2 byte-level (or SmolLM's: digits one by one, then GPT-2) is recognised by its structure.
+  Anything else is refused with the hash, rather than written with a guess that would make
+  llama.cpp split text differently from the model's training.
+- sentencepiece-style BPE with byte fallback (Llama 2, Mistral 7B: `▁` for spaces, `<0xNN>`
+  byte tokens) as llama.cpp's `llama` model. llama.cpp merges the adjacent pair whose token has
+  the highest score, so each token's score is minus the rank of the merge that makes it: the
+  merge order of tokenizer.json, which is what sentencepiece's scores encode. (llama.cpp's own
+  converter reads them from tokenizer.model; without that file it writes -1000 for every token.)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from hashlib import sha256
 
@@ -34,11 +41,13 @@ KNOWN_PRE_TOKENIZERS = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",      # Mistral-Nemo
 }
 # gguf TokenType values
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 @dataclass
 class GGUFVocab:
+    model: str                # llama.cpp's tokenizer model: gpt2 (byte-level BPE) or llama (sentencepiece style)
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
@@ -47,13 +56,19 @@ class GGUFVocab:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
+    scores: list[float] | None = None     # llama: the merge priority of each token
+    add_space_prefix: bool | None = None  # llama: a leading ▁ before the text, as the normalizer does
 
     def add_to(self, writer) -> None:
-        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_model(self.model)
         writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
         writer.add_token_types(self.token_types)
         writer.add_token_merges(self.merges)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
         for kind, token_id in self.special_ids.items():
             getattr(writer, f"add_{kind}_token_id")(token_id)
         writer.add_add_bos_token(self.add_bos)
@@ -67,31 +82,56 @@ def gguf_vocab(tokenizer, tokenizer_dir: str, vocab_size: int, pre_tokenizer: st
     tokenizer.json) for a model of `vocab_size` ids; `pre_tokenizer` overrides the detection."""
     spec = _tokenizer_json(tokenizer_dir)
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ExportError(f"tokenizer {tokenizer_dir}: a {model.get('type')} tokenizer"
-                          f"{' with byte fallback (sentencepiece style)' if model.get('byte_fallback') else ''}; "
-                          "--format gguf converts byte-level BPE tokenizers (GPT-2 style: SmolLM2, Llama 3). For this one, "
-                          "export --format hf and convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    decoder = (spec.get("decoder") or {}).get("type")
+    byte_level = model.get("type") == "BPE" and not model.get("byte_fallback") and decoder == "ByteLevel"
+    sentencepiece = model.get("type") == "BPE" and model.get("byte_fallback") and decoder == "Sequence"
+    if not (byte_level or sentencepiece):
+        raise ExportError(f"tokenizer {tokenizer_dir}: a {model.get('type')} tokenizer with a {decoder} decoder; "
+                          "--format gguf converts byte-level BPE (SmolLM2, Llama 3) and sentencepiece-style BPE with byte "
+                          "fallback (Llama 2, Mistral 7B). For this one, export --format hf and convert that folder with "
+                          "llama.cpp's convert_hf_to_gguf.py")
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
         raise ExportError(f"tokenizer {tokenizer_dir} has token id {max(vocab.values())} but the model's vocab_size is "
                           f"{vocab_size}; it belongs to another model")
-    tokens, types = _tokens_and_types(tokenizer, vocab_size)
+    tokens, types = _tokens_and_types(tokenizer, vocab_size, sentencepiece)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     probe = tokenizer("a b", add_special_tokens=True)["input_ids"]
     special_ids = {kind: token_id for kind in ("bos", "eos", "unk", "pad")
                    if (token_id := getattr(tokenizer, f"{kind}_token_id", None)) is not None}
-    return GGUFVocab(tokens, types, merges, pre_tokenizer or detect_pre_tokenizer(tokenizer, spec, tokenizer_dir),
-                     special_ids,
-                     add_bos=tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
-                     add_eos=tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id],
-                     chat_template=getattr(tokenizer, "chat_template", None))
+    common = dict(special_ids=special_ids, chat_template=getattr(tokenizer, "chat_template", None),
+                  add_bos=tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
+                  add_eos=tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
+    if sentencepiece:
+        return GGUFVocab("llama", tokens, types, merges, pre_tokenizer or "default", scores=merge_scores(tokens, merges),
+                         add_space_prefix=prepends_space(spec), **common)
+    return GGUFVocab("gpt2", tokens, types, merges, pre_tokenizer or detect_pre_tokenizer(tokenizer, spec, tokenizer_dir),
+                     **common)
 
 
-def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
+def merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """Minus the rank of the merge that makes each token (the first such merge); 0 for tokens no
+    merge makes (characters, bytes, specials), which llama.cpp never has to choose between."""
+    rank = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", "", 1), i)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+
+
+def prepends_space(spec: dict) -> bool:
+    """Whether the tokenizer puts ▁ before the text: Llama 2's Prepend normalizer, or a Metaspace
+    pre-tokenizer that prepends (llama.cpp's add_space_prefix)."""
+    parts = [spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}]
+    steps = [step for part in parts for step in (part.get("normalizers") or part.get("pretokenizers") or [part])]
+    return any(s.get("type") == "Prepend" and s.get("prepend") == "▁" for s in steps) or any(
+        s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") in ("always", "first") for s in steps)
+
+
+def _tokens_and_types(tokenizer, vocab_size: int, sentencepiece: bool = False) -> tuple[list[str], list[int]]:
     """As llama.cpp's get_vocab_base: ids without a token become [PAD<id>] (unused); added tokens
     are control when special or special-looking (<|...|>), else user-defined, spelled as the
-    tokenizer decodes them."""
+    tokenizer decodes them. Sentencepiece style, as its _set_vocab_sentencepiece: <0xNN> tokens
+    are bytes, the unknown token unknown, tokens spelled as in the vocabulary."""
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     added = tokenizer.get_added_vocab()
     decoder = tokenizer.added_tokens_decoder
@@ -101,8 +141,11 @@ def _tokens_and_types(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]
         if token is None:
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
+        elif sentencepiece and (BYTE_TOKEN.fullmatch(token) or i == tokenizer.unk_token_id):
+            tokens.append(token)
+            types.append(BYTE if BYTE_TOKEN.fullmatch(token) else UNKNOWN)
         elif token in added:
-            if not decoder[i].normalized:
+            if not decoder[i].normalized and not sentencepiece:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
             looks_special = token.startswith("<|") and token.endswith("|>")
             tokens.append(token)
