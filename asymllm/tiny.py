@@ -32,13 +32,15 @@ CHAT_TEMPLATE = (
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
-                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 512):
+                num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128, max_positions: int = 512,
+                head_dim: int | None = None, tie_word_embeddings: bool = False):
     if arch not in CONFIGS:
         raise ValueError(f"arch must be one of {sorted(CONFIGS)}, got {arch!r}")
     return CONFIGS[arch](
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
+        **({"head_dim": head_dim} if head_dim else {}),
     )
 
 
@@ -133,7 +135,16 @@ def tiny_spm_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))])
     tokenizer.train_from_iterator(tiny_corpus(), trainer=trainer)
-    tokenizer.pre_tokenizer = None  # Llama 2's layout: the normalizer makes the ▁, merges never cross words
+    # As transformers' converter of a sentencepiece model writes them: every cut of a token into
+    # two tokens is a merge, ranked by the token's id (the trainer's order). The trainer's own
+    # merges are fewer; llama.cpp, which joins any pair that makes a token, needs them all.
+    vocab = {t: i for t, i in tokenizer.get_vocab().items()}
+    pieces = sorted((i, t) for t, i in vocab.items() if i > 258)  # not <unk> <s> </s> or the byte tokens
+    merges = [(t[:k], t[k:]) for _, t in pieces for k in range(1, len(t))
+              if vocab.get(t[:k], 0) > 258 and vocab.get(t[k:], 0) > 258]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])
+    # Llama 2's layout: the normalizer makes the ▁, no pre-tokenizer (merges never cross words)
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                            decoders.Strip(" ", 1, 0)])
@@ -154,7 +165,8 @@ def save_tiny_model(directory: str | os.PathLike, arch: str = "llama", seed: int
         raise ValueError(f"tokenizer must be 'bpe' or 'spm', got {tokenizer!r}")
     make = tiny_tokenizer if tokenizer == "bpe" else tiny_spm_tokenizer
     tokenizer = make(config_kwargs.pop("vocab_size", 512 if make is tiny_tokenizer else 600))
-    model = tiny_causal_lm(arch, seed=seed, vocab_size=len(tokenizer), **config_kwargs)
+    # extra_vocab: ids beyond the tokenizer's, as models padded to a round vocabulary have
+    model = tiny_causal_lm(arch, seed=seed, vocab_size=len(tokenizer) + config_kwargs.pop("extra_vocab", 0), **config_kwargs)
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     for name, value in ids.items():

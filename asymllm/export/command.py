@@ -222,13 +222,14 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
     file_name = f"{name}-{gguf_type}.gguf"
     with tempfile.TemporaryDirectory(prefix="asymllm-gguf-tokenizer-") as scratch:
         save_tokenizer(shipped, scratch)  # tokenizer.json in its current layout, reloaded and checked
-        vocab = gguf_vocab(shipped, scratch, int(base_ckpt.config["vocab_size"]), pre_tokenizer)
+        vocab = gguf_vocab(shipped, scratch, base_ckpt.config, pre_tokenizer)
     # every refusal happens before this line
     with staging(output, overwrite) as tmp:
         write_gguf(os.path.join(tmp, file_name), base_ckpt, plan, tensors, vocab, gguf_type, name)
         check = None
         if verify:
-            check = verify_gguf(os.path.join(tmp, file_name), base_dir, source, gguf_type, shipped, vocab.model)
+            check = verify_gguf(os.path.join(tmp, file_name), base_dir, source, gguf_type, shipped, vocab.model,
+                                base_ckpt, plan, tensors)
             if not check.passed:
                 raise ExportError(f"verification {check.line()}; nothing written (--no-verify skips the check)")
         stop = shipped.eos_token

@@ -49,9 +49,11 @@ def check_architecture(config: dict, where: str) -> None:
         raise ExportError(f"{where}: a {arch} model; --format gguf writes {' and '.join(ARCHITECTURES)} (llama.cpp's "
                           "llama architecture). Export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
     rope_type = rope_parameters(config).get("rope_type")
-    if rope_type not in (None, "default", "linear"):
-        raise ExportError(f"{where}: rope scaling {rope_type!r}; --format gguf writes no rope scaling or linear "
-                          "scaling. Export --format hf and convert with llama.cpp's convert_hf_to_gguf.py")
+    if rope_type not in (None, "default"):
+        # transformers' GGUF loader reads no rope scaling back for llama, so such a file could not be checked
+        raise ExportError(f"{where}: rope scaling {rope_type!r}; --format gguf writes models without rope scaling "
+                          "(Llama 2, Mistral, Llama 3.0, SmolLM2). Export --format hf and convert with llama.cpp's "
+                          "convert_hf_to_gguf.py")
     biased = [flag for flag in ("attention_bias", "mlp_bias") if config.get(flag)]
     if biased:
         raise ExportError(f"{where}: {', '.join(biased)} set; --format gguf writes Llama/Mistral models without biases")
@@ -151,11 +153,14 @@ def _finite(data: np.ndarray, qtype) -> bool:
 
 
 def rope_parameters(config: dict) -> dict:
-    """rope_theta, rope_type and factor, from transformers 5's rope_parameters or 4's rope_theta + rope_scaling."""
-    if config.get("rope_parameters"):
-        return config["rope_parameters"]
-    scaling = config.get("rope_scaling") or {}
-    return {**scaling, "rope_type": scaling.get("rope_type", scaling.get("type")), "rope_theta": config.get("rope_theta")}
+    """rope_theta and rope_type from transformers 5's rope_parameters and 4's rope_theta + rope_scaling."""
+    scaling = config.get("rope_scaling") or {}  # transformers gives it priority when both are there
+    merged = {**(config.get("rope_parameters") or {}), **scaling}
+    merged["rope_type"] = merged.get("rope_type", merged.get("type"))
+    merged.setdefault("rope_theta", config.get("rope_theta"))
+    if merged["rope_theta"] is None:
+        merged["rope_theta"] = config.get("rope_theta")
+    return merged
 
 
 def add_metadata(writer, config: dict, name: str, gguf_type: str) -> None:
@@ -179,9 +184,6 @@ def add_metadata(writer, config: dict, name: str, gguf_type: str) -> None:
     if head_dim != config["hidden_size"] // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    if rope.get("rope_type") == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(file_types[gguf_type])
