@@ -157,9 +157,7 @@ def rope_parameters(config: dict) -> dict:
     scaling = config.get("rope_scaling") or {}  # transformers gives it priority when both are there
     merged = {**(config.get("rope_parameters") or {}), **scaling}
     merged["rope_type"] = merged.get("rope_type", merged.get("type"))
-    merged.setdefault("rope_theta", config.get("rope_theta"))
-    if merged["rope_theta"] is None:
-        merged["rope_theta"] = config.get("rope_theta")
+    merged["rope_theta"] = merged.get("rope_theta") or config.get("rope_theta")
     return merged
 
 
