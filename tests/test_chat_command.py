@@ -5,6 +5,7 @@ Ctrl-C leave without a traceback, a full context is said."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,47 @@ def test_ctrl_d_and_ctrl_c_leave_without_a_traceback(model_dir):
         seen += os.read(proc.stdout.fileno(), 1024)
     proc.send_signal(signal.SIGINT)  # Ctrl-C at the prompt
     _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
+
+
+def never_ending_model(directory) -> str:
+    """A tiny model that can never end a reply: its generation_config suppresses EOS
+    (transformers' `suppress_tokens`), so a reply runs until --max_new_tokens."""
+    path = save_tiny_model(directory, max_positions=8192)
+    config_file = os.path.join(path, "generation_config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["suppress_tokens"] = [config["eos_token_id"]]
+    with open(config_file, "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(tmp_path):
+    """Ctrl-C while a reply streams: the reply stops, its turn is forgotten, the prompt comes
+    back, and /exit still leaves cleanly. The model cannot emit EOS and may write 8000
+    tokens, so the signal always arrives mid-reply."""
+    endless = never_ending_model(tmp_path / "endless")
+    proc = subprocess.Popen([*CHAT, "--model", endless, "--max_new_tokens", "8000"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+
+    def read_until(done, seen: bytes = b"") -> bytes:
+        deadline = time.monotonic() + 120
+        while not done(seen) and time.monotonic() < deadline:
+            seen += os.read(proc.stdout.fileno(), 4096)
+        return seen
+
+    read_until(lambda seen: b"you> " in seen)
+    proc.stdin.write(b"hi\n")
+    proc.stdin.flush()
+    streamed = read_until(lambda seen: len(seen.partition(b"assistant> ")[2]) > 0)  # the reply has started streaming
+    proc.send_signal(signal.SIGINT)
+    after = read_until(lambda seen: seen.rstrip().endswith(b"you>"), streamed)
+    proc.stdin.write(b"/exit\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=60)
+    assert b"(reply stopped; the turn is forgotten)" in after and after.rstrip().endswith(b"you>"), after[-500:]
+    assert b"(reply cut" not in after
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
 
 
