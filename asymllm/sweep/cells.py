@@ -2,10 +2,18 @@
 `asymllm train` and `asymllm eval` commands, each its own process, with its result.json.
 
 A finished cell leaves `result.json` in its folder with the settings it ran with and the
-fingerprint of the adapter it evaluated (asymllm/fingerprint.py). It is reused only while
-both still hold: changed settings retrain it (--overwrite_output_dir), a changed adapter is
-evaluated again, a missing adapter is trained again. So a stopped sweep resumes, and a
-changed command never reuses a number from another setting.
+fingerprint of the adapter it evaluated (asymllm/fingerprint.py). What happens to it on a
+rerun is decided for every cell of a phase before any runs (plan_cell):
+- changed training settings (flags, the rate, the --config file's or the data's content):
+  trained afresh (--overwrite_output_dir);
+- changed evaluation settings alone: the kept adapter is evaluated again; where the adapter
+  is gone the phase stops first, listing those cells, unless --retrain_to_evaluate;
+- a changed adapter: evaluated again; a missing one: trained again (or, with
+  --reuse_without_adapter, its result reused and said so);
+- a diverged cell (train's exit 3) is a result: recorded with its step, the worst in
+  selection, not retried while its settings stay the same.
+An unfinished cell continues its checkpoint, which `asymllm train` refuses when it was made
+with other settings (exit 4): the cell then starts afresh and the log says why.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -20,12 +29,17 @@ import time
 from dataclasses import asdict, dataclass
 
 from ..adapters.recipe import Recipe
+from ..data import BUILTIN_HELDOUT
 from ..fingerprint import adapter_fingerprint, fingerprint_changes
+from ..training.checkpoints import EXIT_STALE_CHECKPOINT
+from ..training.faults import DIVERGED_FILE, EXIT_DIVERGED
+from .flags import files_sha256
 
 logger = logging.getLogger("asymllm.sweep")
 # A result.json of the same settings whose adapter is gone: pruned for disk, or a sweep resumed
 # elsewhere from its committed result files. Reused only when the user says so.
 ADAPTER_GONE = "result.json is there but its adapter"
+TRAIN_OUTCOMES = (EXIT_DIVERGED, EXIT_STALE_CHECKPOINT)  # results of a cell, not failures of the sweep
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -81,52 +95,123 @@ class Phase:
     runs_dir: str
     train_flags: list[str]  # the user's, then the phase's own (which win)
     alpaca: bool = True
-    eval_data: str | None = None  # --data for `asymllm eval alpaca`; None: its default (the held-out set)
+    eval_data: str | None = None  # --data for `asymllm eval alpaca`: the validation split, or the held-out set
     name: str = "grid"  # grid (no selection), selection or final
     data_sha256: dict | None = None  # the selection's split files: changed content is another setting
 
 
+@dataclass
+class CellPlan:
+    """What to do with one cell, decided before the phase runs anything."""
+
+    spec: RunSpec
+    run_dir: str
+    settings: dict
+    action: str  # skip | reuse | evaluate | train | fresh | blocked
+    reason: str | None = None
+    done: dict | None = None
+
+
 def run_cells(specs: list[RunSpec], phase: Phase, args) -> list[dict]:
+    plans = [plan_cell(spec, phase, args) for spec in specs]
+    blocked = [p for p in plans if p.action == "blocked"]
+    if blocked:  # said before anything runs: a retrain of finished cells is the user's call
+        raise SystemExit(f"asymllm sweep: {len(blocked)} finished cell(s) of the {phase.name} phase cannot be evaluated "
+                         "again without training them again, their adapter being gone:\n"
+                         + "\n".join(f"  {p.spec.name}: {p.reason}" for p in blocked)
+                         + "\npass --retrain_to_evaluate to train them again, or run with their earlier evaluation settings")
     results = []
-    for index, spec in enumerate(specs, 1):
-        run_dir = os.path.join(phase.runs_dir, spec.name)
-        where = ("" if phase.name == "grid" else phase.name + " ") + f"[{index}/{len(specs)}] {spec.name}"
-        settings = cell_settings(spec, phase, args)
-        done = load_result(run_dir)
-        stale = None if done is None else stale_reason(done, run_dir, settings)
-        if done is not None and stale is None:
-            logger.info("%s: done already, skipped", where)
-        elif done is not None and stale.startswith(ADAPTER_GONE) and args.reuse_without_adapter:
+    for index, cell in enumerate(plans, 1):
+        where = ("" if phase.name == "grid" else phase.name + " ") + f"[{index}/{len(plans)}] {cell.spec.name}"
+        done = cell.done
+        if cell.action == "skip":
+            diverged = (done.get("diverged") or {}).get("where")
+            logger.info("%s: done already, skipped%s", where, f" (diverged: {diverged})" if diverged else "")
+        elif cell.action == "reuse":
             logger.info("%s: done already (its adapter is not here; result.json reused: --reuse_without_adapter)", where)
             done = {**done, "reused_without_adapter": True}
-        elif done is not None and stale.startswith("the adapter changed") and os.path.isdir(adapter_dir(run_dir)):
-            logger.info("%s: %s; re-evaluating", where, stale)
-            done = run_one(spec, run_dir, phase, args, settings, train=False, discard_evaluations=True)
+        elif cell.action == "evaluate":
+            logger.info("%s: %s; re-evaluating", where, cell.reason)
+            done = run_one(cell, phase, args, where, train=False, discard_evaluations=True)
         else:
-            logger.info("%s: training%s", where, f" ({stale})" if stale else "")
-            done = run_one(spec, run_dir, phase, args, settings, fresh=stale is not None)
+            logger.info("%s: training%s", where, f" ({cell.reason})" if cell.reason else "")
+            done = run_one(cell, phase, args, where, fresh=cell.action == "fresh")
         results.append({**done, "phase": phase.name})
     return results
 
 
+def plan_cell(spec: RunSpec, phase: Phase, args) -> CellPlan:
+    """Reuse a finished cell only for the same training settings and adapter; an evaluation
+    change alone re-evaluates the kept adapter (or, its adapter gone, is blocked unless
+    --retrain_to_evaluate); an unfinished cell continues its checkpoint (train refuses one of
+    other settings, and the cell then starts afresh: run_one)."""
+    run_dir = os.path.join(phase.runs_dir, spec.name)
+    settings = cell_settings(spec, phase, args)
+    done = load_result(run_dir)
+    cell = CellPlan(spec, run_dir, settings, "train", done=done)
+    if done is None:
+        return cell
+    recorded = done.get("settings")
+    if recorded is None:
+        return _set(cell, "fresh", "result.json records no settings (an older asymllm wrote it)")
+    changed = sorted(k for k in {*settings, *recorded} - {"eval"} if recorded.get(k) != settings.get(k))
+    if changed:
+        return _set(cell, "fresh", f"its settings changed ({', '.join(changed)})")
+    if done.get("diverged"):  # nothing to evaluate; the same settings would diverge again
+        return _set(cell, "skip")
+    evaluation = evaluation_changes(recorded.get("eval") or {}, settings["eval"])
+    adapter = adapter_dir(run_dir)
+    if not os.path.isdir(adapter):
+        if evaluation:
+            return _set(cell, "fresh" if args.retrain_to_evaluate else "blocked",
+                        f"its evaluation settings changed ({evaluation}) and its adapter {adapter} is not there")
+        return _set(cell, "reuse" if args.reuse_without_adapter else "fresh", f"{ADAPTER_GONE} {adapter} is not")
+    fingerprint = done.get("adapter_fingerprint")
+    if fingerprint is None:
+        return _set(cell, "fresh", "result.json records no adapter fingerprint (an older asymllm wrote it)")
+    changes = fingerprint_changes({"adapter": fingerprint}, {"adapter": adapter_fingerprint(adapter)})
+    if changes:
+        return _set(cell, "evaluate", f"the adapter changed since result.json was written ({changes['adapter']})")
+    if evaluation:
+        return _set(cell, "evaluate", f"its evaluation settings changed ({evaluation})")
+    return _set(cell, "skip")
+
+
+def _set(cell: CellPlan, action: str, reason: str | None = None) -> CellPlan:
+    cell.action, cell.reason = action, reason
+    return cell
+
+
+def evaluation_changes(recorded: dict, now: dict) -> str:
+    """Which evaluation settings differ ('' for none); --eval_flags only where alpaca runs."""
+    keys = {*recorded, *now} - ({"eval_flags"} if not (recorded.get("alpaca") or now.get("alpaca")) else set())
+    return ", ".join(sorted(k for k in keys if recorded.get(k) != now.get(k)))
+
+
 def lora_alpha(spec: RunSpec, args) -> float | None:
-    """alpha = alpha_ratio x r (the scale alpha/r the same at every rank), unless the flags give one."""
-    if args.alpha_ratio is None or "--lora_alpha" in {f.split("=", 1)[0] for f in args.train_flags}:
-        return None
-    return args.alpha_ratio * spec.rank
+    """alpha = alpha_ratio x r (the scale alpha/r the same at every rank); None when the training
+    flags or the --config file give lora_alpha (then alpha_ratio is None: check_flags)."""
+    return None if args.alpha_ratio is None else args.alpha_ratio * spec.rank
 
 
 def cell_settings(spec: RunSpec, phase: Phase, args) -> dict:
     """What a cell's numbers depend on besides its adapter; output paths made relative, so a
-    moved sweep folder is still the same sweep."""
+    moved sweep folder is still the same sweep. Keys that do not apply are left out rather than
+    set to None, so results of sweeps written before a key existed still compare equal."""
     root = os.path.abspath(args.output)
 
     def relative(flag: str) -> str:
         return os.path.relpath(flag, root) if os.path.isabs(flag) and flag.startswith(root + os.sep) else flag
-    return {"run": asdict(spec), "lora_alpha": lora_alpha(spec, args), "config": args.config,
-            "train_flags": [relative(f) for f in phase.train_flags], "data_sha256": phase.data_sha256,
-            "eval": {"alpaca": phase.alpaca, "data": phase.eval_data and relative(phase.eval_data),
-                     "eval_flags": args.eval_flags, "mmlu": args.mmlu}}
+    eval_data = None if phase.eval_data == BUILTIN_HELDOUT else phase.eval_data  # None: the built-in held-out set
+    settings = {"run": asdict(spec), "lora_alpha": lora_alpha(spec, args), "config": args.config,
+                "train_flags": [relative(f) for f in phase.train_flags], "data_sha256": phase.data_sha256,
+                "eval": {"alpaca": phase.alpaca, "data": eval_data and relative(eval_data),
+                         "eval_flags": args.eval_flags, "mmlu": args.mmlu}}
+    files = files_sha256({"config": args.config, "dataset": args.given.get("dataset"),
+                          "eval_dataset": args.given.get("eval_dataset")})
+    if files:  # their content, not their path: an edited file is another setting
+        settings["files_sha256"] = files
+    return settings
 
 
 def load_result(run_dir: str) -> dict | None:
@@ -150,58 +235,70 @@ def write_result(run_dir: str, result: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def stale_reason(result: dict, run_dir: str, settings: dict) -> str | None:
-    """Why `result` (a cell's result.json) cannot be reused, or None: it must be of these
-    settings, and of the adapter now in the cell's folder, not merely of the same path."""
-    recorded = result.get("settings")
-    if recorded != settings:
-        changed = sorted(k for k in settings if (recorded or {}).get(k) != settings[k])
-        return f"its settings changed ({', '.join(changed)})" if recorded else "result.json records no settings (an older asymllm wrote it)"
-    adapter = adapter_dir(run_dir)
-    if not os.path.isdir(adapter):
-        return f"{ADAPTER_GONE} {adapter} is not"
-    fingerprint = result.get("adapter_fingerprint")
-    if fingerprint is None:
-        return "result.json records no adapter fingerprint (an older asymllm wrote it)"
-    changes = fingerprint_changes({"adapter": fingerprint}, {"adapter": adapter_fingerprint(adapter)})
-    return f"the adapter changed since result.json was written ({changes['adapter']})" if changes else None
-
-
 def adapter_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "train", "adapter")
 
 
-def run_one(spec: RunSpec, run_dir: str, phase: Phase, args, settings: dict, train: bool = True,
-            fresh: bool = False, discard_evaluations: bool = False) -> dict:
+def run_one(cell: CellPlan, phase: Phase, args, where: str, train: bool = True, fresh: bool = False,
+            discard_evaluations: bool = False) -> dict:
     """Train (unless `train` is False) and evaluate one cell. `fresh`: the cell's old run is of
     other settings, so training starts over (--overwrite_output_dir) and its evaluations go;
-    otherwise an interrupted training or evaluation resumes."""
+    otherwise an interrupted training or evaluation resumes. A training that diverges (exit 3)
+    is the cell's result: recorded as diverged, never evaluated."""
+    spec, run_dir, settings = cell.spec, cell.run_dir, cell.settings
     start = time.perf_counter()
     train_dir, eval_dir = os.path.join(run_dir, "train"), os.path.join(run_dir, "eval")
     if train:
-        command = [*_entry(args.launcher, "train"), "--recipe", spec.recipe, "--lora_r", str(spec.rank),
-                   "--seed", str(spec.seed), "--output_dir", train_dir,
-                   *(["--overwrite_output_dir"] if fresh else ["--resume_from_checkpoint", "auto"])]
-        if spec.lr is not None:
-            command += ["--learning_rate", f"{spec.lr:g}"]
-        if settings["lora_alpha"] is not None:
-            command += ["--lora_alpha", f"{settings['lora_alpha']:g}"]
-        if args.config:
-            command += ["--config", args.config]
-        _run(command + phase.train_flags, run_dir, "train")
+        code = _run(train_command(spec, train_dir, phase, args, settings, fresh), run_dir, "train", allowed=TRAIN_OUTCOMES)
+        if code == EXIT_STALE_CHECKPOINT:  # its checkpoint is of other settings: start the cell afresh
+            logger.info("%s: starting afresh: %s", where, _last_line(os.path.join(run_dir, "train.log")))
+            fresh = True
+            code = _run(train_command(spec, train_dir, phase, args, settings, fresh), run_dir, "train", allowed=(EXIT_DIVERGED,))
+        if code == EXIT_DIVERGED:
+            result = diverged_result(spec, train_dir, time.perf_counter() - start, settings)
+            logger.info("%s: diverged (%s): counted as the worst", where, result["diverged"]["where"])
+            write_result(run_dir, result)
+            return result
     adapter = adapter_dir(run_dir)
     evaluated = adapter_fingerprint(adapter)  # taken before evaluating: what the evaluations are given
     overwrite = ["--overwrite"] if (discard_evaluations or fresh) else []
     if phase.alpaca:
         data = ["--data", phase.eval_data] if phase.eval_data else []
         _run([*_entry("", "eval"), "alpaca", "--adapter", adapter, "--output_dir", eval_dir, *data, *overwrite,
-              *shlex.split(args.eval_flags)], run_dir, "eval_alpaca")
+              *args.eval_flag_list], run_dir, "eval_alpaca")
     if args.mmlu:
         _run([*_entry("", "eval"), "mmlu", "--adapter", adapter, "--output_dir", eval_dir, *overwrite], run_dir, "eval_mmlu")
     result = {**collect(spec, train_dir, eval_dir, time.perf_counter() - start), "lora_alpha": settings["lora_alpha"],
               "adapter_fingerprint": evaluated, "settings": settings}
     write_result(run_dir, result)
     return result
+
+
+def train_command(spec: RunSpec, train_dir: str, phase: Phase, args, settings: dict, fresh: bool) -> list[str]:
+    command = [*_entry(args.launcher, "train"), "--recipe", spec.recipe, "--lora_r", str(spec.rank),
+               "--seed", str(spec.seed), "--output_dir", train_dir,
+               *(["--overwrite_output_dir"] if fresh else ["--resume_from_checkpoint", "auto"])]
+    if spec.lr is not None:
+        command += ["--learning_rate", f"{spec.lr:g}"]
+    if settings["lora_alpha"] is not None:
+        command += ["--lora_alpha", f"{settings['lora_alpha']:g}"]
+    if args.config:
+        command += ["--config", args.config]
+    return command + phase.train_flags
+
+
+def diverged_result(spec: RunSpec, train_dir: str, wall_s: float, settings: dict) -> dict:
+    """A diverged cell's result.json: where it stopped (asymllm_diverged.json), no metrics (a
+    metrics.json in the folder is an earlier run's)."""
+    record = _read_json(os.path.join(train_dir, DIVERGED_FILE)) or {}
+    where = record.get("where") or "the training diverged (exit 3)"
+    step = record.get("step")
+    if step is None and (found := re.search(r"step (\d+)", where)):
+        step = int(found.group(1))
+    return {**asdict(spec), "trainable_params": None, "train_loss": None, "heldout_loss": None,
+            "heldout_exact_match": None, "mmlu": None, "wall_s": round(wall_s, 1),
+            "diverged": {"where": where, "step": step}, "lora_alpha": settings["lora_alpha"],
+            "adapter_fingerprint": None, "settings": settings}
 
 
 def _entry(launcher: str, command: str) -> list[str]:
@@ -211,18 +308,26 @@ def _entry(launcher: str, command: str) -> list[str]:
     return [sys.executable, "-m", "asymllm.cli", command]
 
 
-def _run(command: list[str], run_dir: str, label: str) -> None:
-    """Run one step, its output to a log file in the run folder; a failure names the log."""
+def _run(command: list[str], run_dir: str, label: str, allowed: tuple[int, ...] = ()) -> int:
+    """Run one step, its output to a log file in the run folder; an exit code outside 0 and
+    `allowed` stops the sweep, naming the log."""
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, f"{label}.log")
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+    if done.returncode != 0 and done.returncode not in allowed:
         with open(log_path) as log:
             tail = "".join(log.readlines()[-5:])
         raise SystemExit(f"asymllm sweep: {label} failed in {run_dir} (exit {done.returncode}); log {log_path}:\n{tail}")
+    return done.returncode
+
+
+def _last_line(path: str) -> str:
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "(empty log)"
 
 
 def collect(spec: RunSpec, train_dir: str, eval_dir: str, wall_s: float) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -11,9 +10,10 @@ import sys
 
 from ..adapters.recipe import Recipe
 from ..cli_args import ArgumentParser
-from ..data import BUILTIN_DATASET, load_examples, split_heldout
+from ..data import load_examples, split_heldout
 from .cells import Phase, RunSpec, numbers, plan, run_cells
-from .compare import SELECT_METRICS, select_learning_rates
+from .compare import SELECT_METRICS, grid_edges, next_rate, select_learning_rates, tried_rates
+from .flags import TrainingData, check_eval_flags, file_sha256, given_training_settings, jsonl_line, training_data
 from .report import write_all
 
 logger = logging.getLogger("asymllm.sweep")
@@ -28,9 +28,9 @@ def parse_args(argv):
     grid.add_argument("--configs", help="instead of --recipes x --ranks: RECIPE:RANK pairs, e.g. lora:16,asym:16,asym:32")
     grid.add_argument("--learning_rates", help="comma-separated learning rates, e.g. 1e-4,3e-4,1e-3 (default: the training default)")
     grid.add_argument("--seeds", default="0", help="comma-separated seeds (with --select_on: the selection's seeds)")
-    grid.add_argument("--alpha_ratio", type=float, default=2.0,
-                      help="lora_alpha = ratio x r, so alpha/r is the same at every rank (default 2); ignored when "
-                           "the training flags give --lora_alpha")
+    grid.add_argument("--alpha_ratio", type=float,
+                      help="lora_alpha = ratio x r, so alpha/r is the same at every rank (default 2, unless the training "
+                           "flags or the --config file give lora_alpha: then that one value at every rank)")
     select = parser.add_argument_group("choosing the learning rate without the test set")
     select.add_argument("--select_on", choices=["validation"],
                         help="pick each recipe and rank's learning rate on a validation part of the training data, then "
@@ -41,36 +41,60 @@ def parse_args(argv):
     select.add_argument("--validation_fraction", type=float, default=0.125, help="share of the training data held out for selection (0.125: 60 of the built-in 480)")
     select.add_argument("--validation_seed", type=int, default=0, help="seed of that split (fixed: every cell sees the same one)")
     select.add_argument("--selection_epochs", type=float, help="--num_train_epochs of the selection runs (default: as the final runs)")
+    select.add_argument("--extend_grid", type=int, nargs="?", const=3, default=0, metavar="N",
+                        help="when a configuration selects the largest or smallest rate it tried, run the next rate in "
+                             "that direction (with the selection's seeds) and select again, up to N more rates each "
+                             "(default N: 3); without it, sweep.md flags a choice at the edge of the grid")
     parser.add_argument("--reference", default="lora", help="recipe the others are compared with, seed by seed (default lora)")
     parser.add_argument("--config", help="YAML run configuration passed to every `asymllm train`")
     parser.add_argument("--output", required=True, help="sweep folder (runs, sweep.csv, sweep.md, sweep.png)")
     parser.add_argument("--mmlu", action="store_true", help="also run `asymllm eval mmlu` on each adapter")
-    parser.add_argument("--eval_flags", default="", help="extra flags for `asymllm eval alpaca`, e.g. '--limit 60'")
+    parser.add_argument("--eval_flags", default="", help="extra flags for `asymllm eval alpaca`, e.g. '--limit 60' (not --data "
+                        "or --split: the sweep scores the selection on its validation split and the final runs on the "
+                        "training flags' held-out set, --eval_dataset/--eval_split/--eval_fraction as for asymllm train)")
     parser.add_argument("--launcher", default="", help="prefix for training, e.g. 'torchrun --nproc_per_node 8' (default: one process)")
     parser.add_argument("--reuse_without_adapter", action="store_true",
                         help="reuse a finished cell's result.json of the same settings even when its adapter folder is "
                              "gone (pruned, or the sweep resumed on another machine from its result files); "
                              "without it such a cell is trained again. sweep.md counts the cells reused so")
+    parser.add_argument("--retrain_to_evaluate", action="store_true",
+                        help="when changed evaluation settings (--eval_flags, --mmlu, the held-out set) meet finished "
+                             "cells whose adapter is gone, train those again to evaluate them (without it the sweep "
+                             "lists them and stops before running anything); cells whose adapter is there are only "
+                             "evaluated again")
     parser.add_argument("train_flags", nargs=argparse.REMAINDER, help="after `--`: flags for every `asymllm train`")
     args = parser.parse_args(argv)
     args.train_flags = [f for f in args.train_flags if f != "--"]
+    args.eval_flag_list = check_eval_flags(args.eval_flags)
+    args.given_flags = given_training_settings(args.train_flags)
+    args.given = given_training_settings(args.train_flags, args.config)
     check_flags(parser, args)
     args.reference = Recipe.parse(args.reference).name  # results carry canonical names
     return args
 
 
 def check_flags(parser, args) -> None:
-    given = {f.split("=", 1)[0] for f in args.train_flags}
+    given = args.given  # what the training flags and the --config file set, parsed as `asymllm train` does
     if bool(args.recipes) == bool(args.configs):
         parser.error("give --recipes (each at every --ranks) or --configs (RECIPE:RANK pairs), one of them")
     if args.learning_rates:
         numbers(args.learning_rates, "--learning_rates", float)
-    if args.learning_rates and "--learning_rate" in given:
-        parser.error("--learning_rates and a --learning_rate training flag contradict each other; give one")
+    if args.learning_rates and "learning_rate" in given:
+        where = "the --config file's learning_rate" if "learning_rate" not in args.given_flags else "a --learning_rate training flag"
+        parser.error(f"--learning_rates and {where} contradict each other; give one")
+    if args.alpha_ratio is not None and "lora_alpha" in given:
+        parser.error(f"--alpha_ratio {args.alpha_ratio:g} and lora_alpha {given['lora_alpha']:g} (training flags or --config) "
+                     "contradict each other: give one (--alpha_ratio: alpha follows the rank; lora_alpha: one value at every rank)")
+    if args.alpha_ratio is None and "lora_alpha" not in given:
+        args.alpha_ratio = 2.0
     if args.select_on and not (args.learning_rates and args.final_seeds):
         parser.error("--select_on validation needs --learning_rates to choose from and --final_seeds for the final runs")
     if args.final_seeds and not args.select_on:
         parser.error("--final_seeds is for --select_on validation (without it, --seeds are the runs)")
+    if args.extend_grid and not args.select_on:
+        parser.error("--extend_grid is for --select_on validation (it moves the grid of the selection)")
+    if args.extend_grid < 0:
+        parser.error(f"--extend_grid {args.extend_grid}: must be a number of rates >= 0")
     if args.select_on and set(numbers(args.final_seeds, "--final_seeds")) & set(numbers(args.seeds, "--seeds")):
         parser.error("--final_seeds must be fresh: none of them in --seeds (the selection's seeds)")
     if not 0 < args.validation_fraction < 1:
@@ -80,30 +104,56 @@ def check_flags(parser, args) -> None:
 def main(argv=None) -> list[dict]:
     logging.basicConfig(format="[asymllm sweep] %(message)s", level=logging.INFO)
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    data, train_flags = heldout_data(args)
+    scored = {"final": scored_file(data.heldout)}
     if not args.select_on:
-        grid = Phase(os.path.join(args.output, "runs"), args.train_flags)
+        grid = Phase(os.path.join(args.output, "runs"), train_flags, eval_data=data.heldout)
         results = run_cells(plan(args.recipes, args.ranks, args.seeds, args.learning_rates, args.configs), grid, args)
-        write_all(args.output, results, args.reference)
+        write_all(args.output, results, args.reference, scored_on=scored)
         return _done(args, results)
-    split = write_validation_split(args)
+    split = write_validation_split(args, data)
+    scored["selection"] = scored_file(split["validation_file"])
     metric = SELECT_METRICS[args.select_metric]
-    selection_flags = [*args.train_flags, "--dataset", split["train_file"], "--eval_dataset", split["validation_file"]]
+    selection_flags = [*train_flags, "--dataset", split["train_file"], "--eval_dataset", split["validation_file"]]
     if args.selection_epochs is not None:
         selection_flags += ["--num_train_epochs", f"{args.selection_epochs:g}"]
     selection_phase = Phase(os.path.join(args.output, "selection", "runs"), selection_flags, name="selection",
                             alpaca=metric == "heldout_exact_match", eval_data=split["validation_file"],
                             data_sha256=split["sha256"])
     selection = run_cells(plan(args.recipes, args.ranks, args.seeds, args.learning_rates, args.configs), selection_phase, args)
-    chosen = select_learning_rates(selection, metric)
+    selection, chosen = select_with_extensions(selection, selection_phase, metric, args)
+    edges = grid_edges(selection, chosen)
     _write_json(os.path.join(args.output, "selection", "selected.json"),
-                {"metric": metric, "selected": [{"recipe": r, "rank": k, "lr": lr} for (r, k), lr in chosen.items()]})
+                {"metric": metric, "selected": [{"recipe": r, "rank": k, "lr": lr, "at_grid_edge": edges.get((r, k))}
+                                                for (r, k), lr in chosen.items()]})
     for (recipe, rank), lr in chosen.items():
-        logger.info("selected: %s r=%d lr=%g (best mean validation %s)", recipe, rank, lr, metric)
+        edge = f" (the {edges[recipe, rank]} rate tried: its best may lie beyond; --extend_grid)" if (recipe, rank) in edges else ""
+        logger.info("selected: %s r=%d lr=%g (best mean validation %s)%s", recipe, rank, lr, metric, edge)
     final_specs = [RunSpec(recipe, rank, seed, lr) for (recipe, rank), lr in chosen.items()
                    for seed in numbers(args.final_seeds, "--final_seeds")]
-    final = run_cells(final_specs, Phase(os.path.join(args.output, "final", "runs"), args.train_flags, name="final"), args)
-    write_all(args.output, final, args.reference, selection=selection, chosen=chosen, select_metric=metric, split=split)
+    final_phase = Phase(os.path.join(args.output, "final", "runs"), train_flags, name="final", eval_data=data.heldout)
+    final = run_cells(final_specs, final_phase, args)
+    write_all(args.output, final, args.reference, selection=selection, chosen=chosen, select_metric=metric, split=split,
+              edges=edges, scored_on=scored)
     return _done(args, final)
+
+
+def select_with_extensions(selection: list[dict], phase: Phase, metric: str, args) -> tuple[list[dict], dict]:
+    """Select; then, with --extend_grid, while a choice is the largest (smallest) rate its
+    configuration tried, run the next rate up (down) with the selection's seeds and select again."""
+    chosen = select_learning_rates(selection, metric)
+    for _ in range(args.extend_grid):
+        edges = grid_edges(selection, chosen)
+        extra = [RunSpec(recipe, rank, seed, next_rate(tried_rates(selection, (recipe, rank)), side))
+                 for (recipe, rank), side in edges.items() for seed in numbers(args.seeds, "--seeds")]
+        if not extra:
+            break
+        for (recipe, rank), side in edges.items():
+            logger.info("--extend_grid: %s r=%d selected the %s rate tried (%g); trying %g", recipe, rank, side,
+                        chosen[recipe, rank], next_rate(tried_rates(selection, (recipe, rank)), side))
+        selection = selection + run_cells(extra, phase, args)
+        chosen = select_learning_rates(selection, metric)
+    return selection, chosen
 
 
 def _done(args, results: list[dict]) -> list[dict]:
@@ -111,51 +161,57 @@ def _done(args, results: list[dict]) -> list[dict]:
     return results
 
 
-def training_source(args) -> tuple[str, str]:
-    """(--dataset, --dataset_split) every `asymllm train` of the sweep gets: from the training
-    flags (the last one wins, as in argparse), else the --config file, else the built-in data."""
-    source, split = None, "train"
-    if args.config:
-        import yaml
+def heldout_data(args) -> tuple[TrainingData, list[str]]:
+    """The data every run trains on and is scored on, and the training flags that say so. With
+    --eval_fraction the held-out part is split off once (seed 0) into files in the sweep folder,
+    so every run, whatever its seed, is scored on the same examples (`asymllm train` alone
+    would split by the run's seed) and the selection's validation split comes from the rest."""
+    data = training_data(args.given)
+    if data.heldout is not None:
+        return data, args.train_flags
+    examples, _ = load_examples(data.source, split=data.split)
+    train, heldout = split_heldout(examples, data.eval_fraction, seed=0)
+    folder = os.path.join(os.path.abspath(args.output), "heldout")
+    files = write_examples(folder, {"train.jsonl": train, "heldout.jsonl": heldout})
+    logger.info("held-out set: %d of the %d examples of %s (--eval_fraction %g, seed 0), the same for every run",
+                len(heldout), len(examples), data.source, data.eval_fraction)
+    flags = [*args.train_flags, "--dataset", files["train.jsonl"], "--eval_dataset", files["heldout.jsonl"], "--eval_fraction", "0"]
+    return TrainingData(files["train.jsonl"], "train", files["heldout.jsonl"], "test", 0.0), flags
 
-        with open(args.config) as f:
-            config = yaml.safe_load(f) or {}
-        source, split = config.get("dataset"), config.get("dataset_split", split)
-    flags = args.train_flags
-    for i, flag in enumerate(flags[:-1]):
-        if flag == "--dataset":
-            source = flags[i + 1]
-        elif flag == "--dataset_split":
-            split = flags[i + 1]
-    return source or BUILTIN_DATASET, split
 
-
-def write_validation_split(args) -> dict:
+def write_validation_split(args, data: TrainingData) -> dict:
     """The selection's data: the training data split once (fixed seed) into train and
     validation files in the sweep folder, the same for every cell; what it is, in split.json."""
-    source, split_name = training_source(args)
-    examples, _ = load_examples(source, split=split_name)
+    examples, _ = load_examples(data.source, split=data.split)
     train, validation = split_heldout(examples, args.validation_fraction, seed=args.validation_seed)
     folder = os.path.join(os.path.abspath(args.output), "selection", "data")
-    os.makedirs(folder, exist_ok=True)
-    files = {"train_file": os.path.join(folder, "train.jsonl"), "validation_file": os.path.join(folder, "validation.jsonl")}
-    for key, part in (("train_file", train), ("validation_file", validation)):
-        with open(files[key], "w") as f:
-            for example in part:  # the chat layout; the record's other fields (e.g. task) kept for per-task scores
-                meta = {k: v for k, v in example.meta.items() if k not in LAYOUT_FIELDS}
-                f.write(json.dumps({**meta, "messages": example.messages}, ensure_ascii=False) + "\n")
-    split = {"source": source, "split": split_name, "seed": args.validation_seed, "fraction": args.validation_fraction,
+    written = write_examples(folder, {"train.jsonl": train, "validation.jsonl": validation})
+    files = {"train_file": written["train.jsonl"], "validation_file": written["validation.jsonl"]}
+    split = {"source": data.source, "split": data.split, "seed": args.validation_seed, "fraction": args.validation_fraction,
              "train": len(train), "validation": len(validation), **files,
-             "sha256": {key: _sha256(path) for key, path in files.items()}}
+             "sha256": {key: file_sha256(path) for key, path in files.items()}}
     _write_json(os.path.join(folder, "split.json"), split)
     logger.info("selection data: %d validation and %d training examples of %s (seed %d)", len(validation), len(train),
-                source, args.validation_seed)
+                data.source, args.validation_seed)
     return split
 
 
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+def write_examples(folder: str, parts: dict[str, list]) -> dict[str, str]:
+    """Each part as chat-layout JSON Lines (the record's other fields, e.g. task, kept for
+    per-task scores); file name -> path."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, part in parts.items():
+        paths[name] = os.path.join(folder, name)
+        with open(paths[name], "w") as f:
+            for example in part:
+                meta = {k: v for k, v in example.meta.items() if k not in LAYOUT_FIELDS}
+                f.write(jsonl_line({**meta, "messages": example.messages}))
+    return paths
+
+
+def scored_file(path: str | None) -> dict:
+    return {"file": path, "sha256": file_sha256(path)}
 
 
 def _write_json(path: str, value) -> None:

@@ -151,3 +151,33 @@ def equal_parameter_references(results: list[dict], reference_recipe: str) -> li
             if reference[0] == reference_recipe and reference[1] != config[1] and abs(n - m) <= EQUAL_PARAMETERS * m:
                 pairs.append((config, reference))
     return pairs
+
+
+def tried_rates(results: list[dict], group: tuple) -> list[float]:
+    """The learning rates (recipe, rank) ran with, ascending."""
+    return sorted({r["lr"] for r in results if (r["recipe"], r["rank"]) == group and r.get("lr") is not None})
+
+
+def grid_edges(results: list[dict], chosen: dict[tuple, float]) -> dict[tuple, str]:
+    """(recipe, rank) -> "largest" or "smallest" where the selected rate is that end of the rates
+    it tried (of two or more): its best rate may lie beyond the grid."""
+    edges = {}
+    for group, lr in chosen.items():
+        rates = tried_rates(results, group)
+        if len(rates) >= 2 and lr in (rates[0], rates[-1]):
+            edges[group] = "largest" if lr == rates[-1] else "smallest"
+    return edges
+
+
+def next_rate(rates: list[float], side: str) -> float:
+    """The next learning rate beyond `side` of ascending `rates`, continuing the grid's pattern one
+    decade on (1e-4,3e-4,1e-3,3e-3 -> 1e-2 above, 3e-5 below), else its last ratio (1e-3,2e-3 -> 4e-3)."""
+    up = side == "largest"
+    edge, inner = (rates[-1], rates[-2]) if up else (rates[0], rates[1])
+    shifted = edge / 10 if up else edge * 10  # the same point of the pattern a decade inside
+    for i, rate in enumerate(rates):
+        if math.isclose(rate, shifted, rel_tol=1e-6):
+            neighbour = rates[i + 1] if up else rates[i - 1] if i > 0 else None
+            if neighbour is not None and not math.isclose(neighbour, edge, rel_tol=1e-6):
+                return float(f"{neighbour * (10 if up else 0.1):.3g}")
+    return float(f"{edge * edge / inner:.3g}")

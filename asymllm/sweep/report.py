@@ -12,7 +12,7 @@ import statistics
 from .compare import DIRECTION, Paired, config_key, equal_parameter_references, paired
 
 COLUMNS = ["phase", "recipe", "rank", "lr", "lora_alpha", "seed", "trainable_params", "train_loss", "heldout_loss",
-           "heldout_exact_match", "mmlu", "wall_s"]
+           "heldout_exact_match", "mmlu", "wall_s", "diverged_at_step"]
 COMPARED = ("heldout_exact_match", "heldout_loss")
 
 
@@ -20,26 +20,67 @@ def write_csv(rows: list[dict], path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows({k: r.get(k) for k in COLUMNS} for r in rows)
+        writer.writerows({k: _value(r, k) for k in COLUMNS} for r in rows)
+
+
+def _value(result: dict, column: str):
+    if column == "diverged_at_step":
+        return (result.get("diverged") or {}).get("step", "?") if result.get("diverged") else None
+    return result.get(column)
 
 
 def write_markdown(path: str, final: list[dict], reference: str, selection: list[dict] | None = None,
-                   chosen: dict | None = None, select_metric: str | None = None, split: dict | None = None) -> None:
+                   chosen: dict | None = None, select_metric: str | None = None, split: dict | None = None,
+                   edges: dict | None = None, scored_on: dict | None = None) -> None:
+    scored_on = scored_on or {}
     lines = []
     if selection is not None:
         lines += [f"## Selection: the learning rate of each recipe and rank, on validation ({select_metric})", "",
                   f"Validation: {split['validation']} of the {split['validation'] + split['train']} training examples "
                   f"of {split['source']} (seed {split['seed']}); trained on the other {split['train']}. The held-out "
-                  "set is not used here.", ""]
+                  "set is not used here.", *scored_line("Selection", scored_on.get("selection")), ""]
         lines += config_table(selection, mark=chosen)
+        lines += edge_note(edges or {}, chosen)
         lines += ["", "## Final: the selected learning rates, fresh seeds, full training data, the held-out set", ""]
+    lines += [*scored_line("Held-out numbers", scored_on.get("final")), ""] if scored_on.get("final") else []
     lines += config_table(final)
-    for title, pairs in comparisons(final, reference):
+    found = comparisons(final, reference, matched_lr=selection is None)
+    for title, pairs in found:
         lines += ["", title, ""] + paired_table(pairs)
+    lines += multiplicity_note(found, matched_lr=selection is None)
     lines += ["", "Every run:", "", *run_table(final)]
     lines += reuse_note([*(selection or []), *final])
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def scored_line(what: str, scored: dict | None) -> list[str]:
+    """Which file a phase's numbers were scored on, and its sha256."""
+    if not scored or not scored.get("file"):
+        return []
+    sha = f" (sha256 {scored['sha256']})" if scored.get("sha256") else " (not a local file: no sha256)"
+    return [f"{what} scored on `{scored['file']}`{sha}."]
+
+
+def edge_note(edges: dict, chosen: dict | None) -> list[str]:
+    """A selected rate at the end of the rates tried says nothing about the rates beyond it."""
+    if not edges:
+        return []
+    items = [f"{recipe} r={rank} selected {chosen[recipe, rank]:g}, the {side} rate it tried"
+             for (recipe, rank), side in edges.items()]
+    return ["", f"**At the edge of the grid**: {'; '.join(items)}. Its best rate may lie beyond the grid, and the final "
+            "comparison may under-tune it; `--extend_grid` runs the next rates in that direction until the choice is interior."]
+
+
+def multiplicity_note(found: list, matched_lr: bool) -> list[str]:
+    """Each interval is 95% on its own: among many comparisons some exclude 0 by chance."""
+    count = sum(len(pairs) for _, pairs in found)
+    if count < 2:
+        return []
+    matched = (" Configurations are compared with the reference at the same learning rate only (grid mode): "
+               "comparing each rate with every other would multiply the comparisons further.") if matched_lr else ""
+    return ["", f"{count} comparisons, each with its own 95% interval, none adjusted for the others: by chance alone "
+            f"about {count / 20:.1f} of them would exclude 0 where there is no difference.{matched}"]
 
 
 def reuse_note(results: list[dict]) -> list[str]:
@@ -53,11 +94,14 @@ def reuse_note(results: list[dict]) -> list[str]:
 
 def config_table(results: list[dict], mark: dict | None = None) -> list[str]:
     """Mean ± sample std over seeds per configuration; `mark`: (recipe, rank) -> selected lr."""
-    lines = ["| recipe | rank | lr | trainable params | seeds | held-out exact match | held-out loss |"
+    lines = ["| recipe | rank | lr | trainable params | runs | held-out exact match | held-out loss |"
              + (" selected |" if mark else ""), "|---|---:|---:|---:|---:|---:|---:|" + ("---|" if mark else "")]
     for key, group in groups(results).items():
         recipe, rank, lr = key
-        row = (f"| {recipe} | {rank} | {_cell(lr)} | {_cell(group[0].get('trainable_params'))} | {len(group)} | "
+        diverged = sum(bool(g.get("diverged")) for g in group)
+        runs = f"{len(group)} ({diverged} diverged)" if diverged else str(len(group))
+        params = next((g["trainable_params"] for g in group if g.get("trainable_params")), None)
+        row = (f"| {recipe} | {rank} | {_cell(lr)} | {_cell(params)} | {runs} | "
                f"{mean_std([g.get('heldout_exact_match') for g in group])} | {mean_std([g.get('heldout_loss') for g in group])} |")
         if mark:
             row += " **yes** |" if mark.get((recipe, rank)) == lr else " |"
@@ -65,10 +109,14 @@ def config_table(results: list[dict], mark: dict | None = None) -> list[str]:
     return lines
 
 
-def comparisons(results: list[dict], reference: str) -> list[tuple[str, list[Paired]]]:
+def comparisons(results: list[dict], reference: str, matched_lr: bool = False) -> list[tuple[str, list[Paired]]]:
+    """Pairs against the reference at the same rank and at equal parameters; `matched_lr` (grid
+    mode, where every configuration ran every rate): only at the same learning rate."""
     keys = list(groups(results))
     same_rank = [(k, r) for k in keys for r in keys if k[0] != reference and r[0] == reference and r[1] == k[1]]
     equal_size = equal_parameter_references(results, reference)
+    if matched_lr:
+        same_rank, equal_size = ([(k, r) for k, r in pairs if k[2] == r[2]] for pairs in (same_rank, equal_size))
     out = []
     for title, pairs in ((f"Paired against {reference} at the same rank (config minus reference, per seed)", same_rank),
                          (f"Paired against {reference} with trainable parameters within 5%", equal_size)):
@@ -91,7 +139,7 @@ def paired_table(pairs: list[Paired]) -> list[str]:
 
 def run_table(results: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    return lines + ["| " + " | ".join(_cell(r.get(k)) for k in COLUMNS) + " |" for r in results]
+    return lines + ["| " + " | ".join(_cell(_value(r, k)) for k in COLUMNS) + " |" for r in results]
 
 
 def _config(key: tuple) -> str:
@@ -134,8 +182,8 @@ def plot(results: list[dict], path: str) -> None:
     metric = "heldout_exact_match" if any(r.get("heldout_exact_match") is not None for r in results) else "heldout_loss"
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, group in groups(results).items():
-        xs = [g["trainable_params"] for g in group if g.get(metric) is not None]
-        ys = [g[metric] for g in group if g.get(metric) is not None]
+        xs = [g["trainable_params"] for g in group if g.get(metric) is not None and g.get("trainable_params")]
+        ys = [g[metric] for g in group if g.get(metric) is not None and g.get("trainable_params")]
         if not ys:
             continue
         dots = ax.scatter(xs, ys, alpha=0.5, s=18)
