@@ -3,13 +3,17 @@
     asymllm chat --adapter outputs/A_rand_hB_zero-r16-s42/adapter     # base read from the adapter, through peft
     asymllm chat --model merged/                                      # a merged export, or any causal LM
     asymllm chat --adapter RUN/adapter --prompt "Reverse the word: stone"    # the reply alone on stdout
-    echo "Reverse the word: stone" | asymllm chat --adapter RUN/adapter --prompt -
+    echo "Reverse the word: stone" | asymllm chat --adapter RUN/adapter --prompt -    # the same prompt
 
 In the terminal the conversation is kept across turns and each reply is printed as it is
 generated; `/reset` forgets it, `/system TEXT` sets the system prompt (and resets), `/exit` or
 Ctrl-D leaves, Ctrl-C stops a reply (at the prompt: leaves). The prompt is built with the
 tokenizer's chat template exactly as `asymllm eval alpaca` builds it, and decoding is greedy
-unless --do_sample, so a one-shot reply equals `model.generate`'s.
+unless --do_sample, so a one-shot reply equals `model.generate`'s. A reply ends at the first of
+the tokens that end a turn: every EOS of the model's generation_config (instruct models list
+several: Gemma's <end_of_turn>, Phi-3's <|end|>), the tokenizer's EOS, and the token the chat
+template closes an assistant turn with. `--prompt -` reads the prompt from standard input
+without the one newline that ends it (what `echo` and a here-document add).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import sys
 import torch
 from transformers import TextStreamer
 
-from .evaluation.generation import GenerationError, GenerationSettings, decode, encode_prompt, prepare_tokenizer
+from .evaluation.generation import GenerationError, GenerationSettings, encode_prompt, prepare_tokenizer
 from .evaluation.loading import EvalModelError, load_for_eval
+from .tokenizer import end_token_ids
 
 logger = logging.getLogger("asymllm.chat")
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system prompt), /exit (or Ctrl-D)"
@@ -32,7 +37,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="asymllm chat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", help="adapter folder (its base is read from adapter_config.json unless --model)")
     parser.add_argument("--model", help="base or merged model folder or hub name (default: the adapter's base, else built-in)")
-    parser.add_argument("--prompt", help="answer this one prompt and exit (- reads it from standard input)")
+    parser.add_argument("--prompt", help="answer this one prompt and exit (- reads it from standard input, without "
+                                          "the one newline that ends it; other whitespace is kept)")
     parser.add_argument("--system", default="", help="system prompt")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="(%(default)s)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
@@ -56,10 +62,22 @@ def main(argv=None) -> None:
         raise SystemExit(f"asymllm chat: error: {error}") from None
     torch.manual_seed(settings.seed)
     if args.prompt is not None:
-        text = sys.stdin.read() if args.prompt == "-" else args.prompt
+        text = read_stdin_prompt(sys.stdin) if args.prompt == "-" else args.prompt
         print(reply(model, tokenizer, conversation(args.system, text), settings)["output"], flush=True)
         return
     terminal(model, tokenizer, settings, args.system)
+
+
+def read_stdin_prompt(stream) -> str:
+    """Standard input without the one newline (\\n or \\r\\n) that ends it: `echo TEXT |` asks TEXT."""
+    text = stream.read()
+    return text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a reply (asymllm.tokenizer.end_token_ids): passed whole to generate,
+    whose eos_token_id= would otherwise replace generation_config's list with one id."""
+    return end_token_ids(tokenizer, getattr(model, "generation_config", None))
 
 
 def conversation(system: str, user: str) -> list[dict]:
@@ -80,13 +98,22 @@ def reply(model, tokenizer, messages: list[dict], settings: GenerationSettings, 
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {"do_sample": False}
     streamer = _Printer(tokenizer, stream) if stream is not None else None
     device = next(model.parameters()).device
+    stops = stop_token_ids(model, tokenizer)
     with torch.inference_mode():
         sequences = model.generate(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                   max_new_tokens=min(settings.max_new_tokens, room), eos_token_id=tokenizer.eos_token_id,
+                                   max_new_tokens=min(settings.max_new_tokens, room), eos_token_id=stops,
                                    pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling)
-    result = decode(tokenizer, sequences[0, len(ids):].tolist())
+    result = decode(tokenizer, sequences[0, len(ids):].tolist(), stops)
     cut = not result["stopped"] and result["n_tokens"] >= min(settings.max_new_tokens, room)
     return {**result, "full": cut and room <= settings.max_new_tokens, "cut": cut, "prompt_tokens": len(ids)}
+
+
+def decode(tokenizer, new_tokens: list[int], stops: list[int]) -> dict:
+    """The reply up to the first stop token: {output, n_tokens (the stop not counted), stopped}."""
+    end = next((i for i, token in enumerate(new_tokens) if token in stops), None)
+    content = new_tokens if end is None else new_tokens[:end]
+    return {"output": tokenizer.decode(content, skip_special_tokens=True).strip(), "n_tokens": len(content),
+            "stopped": end is not None}
 
 
 class _Printer(TextStreamer):

@@ -1,11 +1,17 @@
 """A tokenizer ready for chat, the same way in training, evaluation and export: a chat
-template when it has none, a pad token from its own vocabulary (never a new token).
+template when it has none, a pad token from its own vocabulary (never a new token); and the
+chat template cut into what it writes around each message (`chat_turns`), from which the
+token that ends an assistant turn (`end_token_ids`: every token a reply may end with) and
+whether the template itself writes BOS are read.
 
     from asymllm.tokenizer import ensure_chat_template, ensure_pad_token
     logger.info(ensure_chat_template(tokenizer)); logger.info(ensure_pad_token(tokenizer))
+    turns = chat_turns(tokenizer)   # TemplateShapeError when it is not a sequence of turns
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from .data import DataError
 
@@ -73,3 +79,131 @@ def ensure_chat_template(tokenizer) -> str:
         f"chat template: the tokenizer has none; installed the default ChatML-style one "
         f"(every turn ends with {tokenizer.eos_token!r})"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# The chat template as turns
+
+
+class TemplateShapeError(ValueError):
+    """The chat template is not a fixed text around each message (see chat_turns)."""
+
+
+@dataclass(frozen=True)
+class ChatTurns:
+    """What a chat template writes: `bos` once first (the tokenizer's BOS, when the template
+    writes it before anything else; else ""), `default_system` when the conversation has no
+    system message, (prefix, suffix) around each system, user and assistant message, and
+    `generation` (the generation prompt) after the last one."""
+    bos: str
+    default_system: str
+    system: tuple[str, str]
+    user: tuple[str, str]
+    assistant: tuple[str, str]
+    generation: str
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        out = [self.bos]
+        if messages and messages[0]["role"] == "system":
+            out += [self.system[0], messages[0]["content"], self.system[1]]
+            messages = messages[1:]
+        else:
+            out.append(self.default_system)
+        for message in messages:
+            prefix, suffix = self.user if message["role"] == "user" else self.assistant
+            out += [prefix, message["content"], suffix]
+        return "".join(out) + (self.generation if add_generation_prompt else "")
+
+
+MARKS = ("SYSTEMxMARKx1", "USERxMARKx1", "ASSISTANTxMARKx1", "USERxMARKx2", "ASSISTANTxMARKx2", "USERxMARKx3")
+
+
+def chat_turns(tokenizer) -> ChatTurns:
+    """The tokenizer's chat template cut into turns, by rendering conversations of marker strings
+    and cutting the text at the markers; then required to render a longer conversation, with and
+    without a system message, exactly as the template does. TemplateShapeError (saying why) for a
+    template that writes a message differently by its position (e.g. Llama 2's system prompt inside
+    the first [INST]) or does not render one of these conversations."""
+    s, u1, a1, u2, a2, u3 = ({"role": role, "content": mark} for role, mark in
+                             zip(("system", "user", "assistant", "user", "assistant", "user"), MARKS))
+
+    def render(messages, generation=False):
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        except Exception as error:  # a template may raise anything (raise_exception, jinja errors)
+            raise TemplateShapeError(f"it does not render a {'/'.join(m['role'] for m in messages)} conversation "
+                                     f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+
+    def cut(text: str, mark: str) -> tuple[str, str]:
+        if text.count(mark) != 1:
+            raise TemplateShapeError("it does not write each message's content once, as given")
+        before, _, after = text.partition(mark)
+        return before, after
+
+    def after(text: str, start: str, what: str) -> str:
+        if not text.startswith(start):
+            raise TemplateShapeError(f"{what} changes what it writes for the messages before")
+        return text[len(start):]
+
+    one = render([u1])
+    head, user_suffix = cut(one, MARKS[1])
+    generation = after(render([u1], True), one, "the generation prompt")
+    two = render([u1, a1])
+    assistant_prefix, assistant_suffix = cut(after(two, one, "an assistant reply"), MARKS[2])
+    user_prefix, rest = cut(after(render([u1, a1, u2]), two, "a second user message"), MARKS[3])
+    if rest != user_suffix or not head.endswith(user_prefix):
+        raise TemplateShapeError("it writes the first user message differently from later ones")
+    preamble = head[:len(head) - len(user_prefix)]
+    system_head, rest = cut(render([s, u1]), MARKS[0])
+    middle, rest = cut(rest, MARKS[1])
+    if rest != user_suffix or not middle.endswith(user_prefix):
+        raise TemplateShapeError("it writes a user message after a system message differently")
+    bos = tokenizer.bos_token or ""
+    # the template writes BOS itself only if it comes before any turn (a turn header that is the
+    # BOS token, as <|im_start|> is SmolLM2's, is not one)
+    writes_bos = bool(bos) and preamble.startswith(bos) and system_head.startswith(bos) and bos not in user_prefix
+    cut_bos = len(bos) if writes_bos else 0
+    turns = ChatTurns(bos if writes_bos else "", preamble[cut_bos:], (system_head[cut_bos:], middle[:len(middle) - len(user_prefix)]),
+                      (user_prefix, user_suffix), (assistant_prefix, assistant_suffix), generation)
+    for conversation in ([s, u1, a1, u2, a2, u3], [u1, a1, u2, a2, u3]):
+        if turns.render(conversation, True) != render(conversation, True):
+            raise TemplateShapeError("it writes turns differently further into a conversation")
+    return turns
+
+
+def turn_end_token_id(tokenizer) -> int | None:
+    """The special token that ends an assistant turn in the chat template (<|im_end|>, <|eot_id|>,
+    <end_of_turn>, or EOS in asymllm's default template); None when the template has none."""
+    try:
+        suffix = chat_turns(tokenizer).assistant[1]
+    except TemplateShapeError:
+        return None
+    ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return ids[0] if ids and ids[0] in special else None
+
+
+def end_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Every token that ends a reply: generation_config's EOS (an int or a list: instruct models list
+    several, Gemma's <end_of_turn>, Phi-3's <|end|>), the tokenizer's EOS, and the token that ends an
+    assistant turn in the chat template."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids = [*configured, tokenizer.eos_token_id, turn_end_token_id(tokenizer)]
+    return [int(t) for i, t in enumerate(ids) if t is not None and t not in ids[:i]]
+
+
+def template_writes_bos(tokenizer) -> bool:
+    """Does the chat template put the tokenizer's BOS first, before any turn? That is what training
+    saw: it tokenizes the rendered conversation without adding special tokens. For a template that
+    is not a sequence of turns: whether it names bos_token and its rendering starts with it."""
+    try:
+        return bool(chat_turns(tokenizer).bos)
+    except TemplateShapeError:
+        pass
+    bos = tokenizer.bos_token
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    except Exception:
+        return False
+    return bool(bos) and text.startswith(bos) and "bos_token" in str(tokenizer.chat_template)

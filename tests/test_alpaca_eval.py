@@ -97,6 +97,24 @@ def test_prompts_match_training_and_batching_does_not_change_greedy_outputs(tiny
     assert batched == alone  # left padding: padded rows generate what they generate alone
 
 
+def test_a_reply_ends_at_every_end_token_of_the_generation_config(tiny_dir, fixture_file):
+    """Instruct models list several end tokens (Gemma's <end_of_turn>, Phi-3's <|end|>); passing
+    eos_token_id=tokenizer.eos_token_id replaced that list, and replies ran to --max_new_tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    items = load_instructions(fixture_file)[:1]
+    settings = GenerationSettings(max_new_tokens=12, batch_size=1)
+    free = next(generate(model, tokenizer, items, settings))[0]
+    ids = tokenizer(free["output"], add_special_tokens=False)["input_ids"]
+    cut = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])  # a token first seen mid-reply
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[cut]]
+    ended = next(generate(model, tokenizer, items, settings))[0]
+    assert ended["stopped"] and ended["n_tokens"] == cut
+    assert ended["output"] == tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+
+
 def test_resume_generates_only_what_is_missing(tiny_dir, fixture_file, tmp_path):
     out = tmp_path / "run"
     common = ("--model", tiny_dir, "--data", fixture_file, "--max_new_tokens", 5, "--output_dir", out)

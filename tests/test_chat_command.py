@@ -55,6 +55,60 @@ def test_one_shot_prints_exactly_the_greedy_reply(model_dir, capsys, monkeypatch
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_a_prompt_piped_in_is_the_prompt_typed_on_the_command_line(model_dir, capsys, monkeypatch):
+    """`echo TEXT | asymllm chat --prompt -` answers what `--prompt TEXT` does: the one newline that
+    ends the piped text is not part of the prompt (newlines inside it are)."""
+    for text in ("Reverse the word: stone", "Reverse the word:\nstone"):
+        main(["--model", model_dir, "--prompt", text, "--max_new_tokens", "12"])
+        typed = capsys.readouterr().out
+        monkeypatch.setattr(sys, "stdin", io.StringIO(text + "\n"))
+        main(["--model", model_dir, "--prompt", "-", "--max_new_tokens", "12"])
+        assert capsys.readouterr().out == typed, text
+
+
+def greedy_ids(model_dir: str, messages: list[dict], max_new_tokens: int) -> list[int]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_a_reply_stops_at_every_end_token_of_the_generation_config(tmp_path, capsys):
+    """Instruct models list several end tokens in generation_config.json (Gemma's <end_of_turn>, Phi-3's
+    <|end|> beside EOS): the reply ends at the first of any, not only at the tokenizer's EOS."""
+    path = save_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "hi"}]
+    full = greedy_ids(path, messages, 12)
+    cut = next(i for i in range(2, len(full)) if full[i] not in full[:i] and full[i] != tokenizer.eos_token_id)
+    config_file = os.path.join(path, "generation_config.json")
+    config = json.load(open(config_file))
+    config["eos_token_id"] = [tokenizer.eos_token_id, full[cut]]
+    json.dump(config, open(config_file, "w"))
+    main(["--model", path, "--prompt", "hi", "--max_new_tokens", "12"])
+    assert capsys.readouterr().out == tokenizer.decode(full[:cut], skip_special_tokens=True).strip() + "\n"
+
+
+def test_the_template_turn_end_stops_a_reply_too():
+    """A template whose assistant turns end with a token other than EOS (here <|endoftext|>): that
+    token stops a reply as well as EOS and every EOS of the generation config."""
+    from transformers import GenerationConfig
+
+    from asymllm.chat import stop_token_ids
+    from asymllm.tiny import tiny_causal_lm, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|im_end|>", "<|endoftext|>")
+    model = tiny_causal_lm(vocab_size=len(tokenizer))
+    model.generation_config = GenerationConfig(eos_token_id=[7, tokenizer.eos_token_id])
+    assert sorted(stop_token_ids(model, tokenizer)) == sorted({7, tokenizer.eos_token_id,
+                                                               tokenizer.convert_tokens_to_ids("<|endoftext|>")})
+
+
 def _terminal(model_dir: str, lines: str, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CHAT, "--model", model_dir, "--max_new_tokens", "8", *flags], input=lines, capture_output=True,
                           text=True, cwd=REPO, timeout=120)

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import torch
 
-from ..tokenizer import ensure_chat_template
+from ..tokenizer import end_token_ids, ensure_chat_template
 from .instructions import Instruction
 
 
@@ -87,6 +87,7 @@ def generate(model, tokenizer, items: list[Instruction], settings: GenerationSet
     torch.manual_seed(settings.seed)
     sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {"do_sample": False}
     device = next(model.parameters()).device
+    ends = end_token_ids(tokenizer, model.generation_config)  # a list: replacing the config's own EOS list loses its others
     for start in range(0, len(order), settings.batch_size):
         batch = order[start:start + settings.batch_size]
         padded = tokenizer.pad({"input_ids": [prompts[item.key] for item in batch]}, padding=True, return_tensors="pt")
@@ -94,16 +95,18 @@ def generate(model, tokenizer, items: list[Instruction], settings: GenerationSet
         with torch.inference_mode():
             sequences = model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=settings.max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+                eos_token_id=ends, pad_token_id=tokenizer.pad_token_id, **sampling,
             )
         new_tokens = sequences[:, input_ids.shape[1]:].tolist()  # (batch, <= max_new_tokens)
-        yield [dict(key=item.key, **decode(tokenizer, row)) for item, row in zip(batch, new_tokens)]
+        yield [dict(key=item.key, **decode(tokenizer, row, ends)) for item, row in zip(batch, new_tokens)]
 
 
-def decode(tokenizer, new_tokens: list[int]) -> dict:
-    """The reply up to the first EOS; whatever follows it in the batch is padding."""
-    eos = tokenizer.eos_token_id
-    stopped = eos in new_tokens
-    content = new_tokens[:new_tokens.index(eos)] if stopped else new_tokens
+def decode(tokenizer, new_tokens: list[int], ends: list[int] | None = None) -> dict:
+    """The reply up to the first end token (`ends`, default the tokenizer's EOS); whatever follows
+    it in the batch is padding."""
+    ends = set(ends or [tokenizer.eos_token_id])
+    end = next((i for i, token in enumerate(new_tokens) if token in ends), None)
+    stopped = end is not None
+    content = new_tokens[:end] if stopped else new_tokens
     text = tokenizer.decode(content, skip_special_tokens=True).strip()
     return {"output": text, "n_tokens": len(content), "stopped": stopped}

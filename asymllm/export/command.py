@@ -49,13 +49,15 @@ from ..adapters.files import AdapterFileError
 from ..adapters.recipe import RecipeError
 from ..builtin import _make_readable
 from ..cli_args import ArgumentParser
+from ..tokenizer import ensure_chat_template
 from .common import DTYPE_NAMES, DTYPES, ExportError, write_text
 from .files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
 from .gguf_file import GGUF_TYPES, check_architecture, plan_tensors, write_gguf
 from .gguf_verify import verify_gguf
 from .gguf_vocab import gguf_vocab
 from .merge_plan import plan_merge, plan_shards, write_merged_weights
-from .model_card import gguf_card, model_card, ollama_modelfile
+from .model_card import gguf_card, model_card
+from .ollama import check_template, ollama_modelfile, ollama_template
 from .safetensors_io import BaseCheckpoint
 from .source import find_adapter_dir, read_adapter, resolve_base
 from .verify import Verification, verify_adapter_export, verify_merged
@@ -215,6 +217,10 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
                           "without it (pass --tokenizer PATH, or leave it out to use the adapter's or the base's)")
     shipped = choose_tokenizer(tokenizer, [("--adapter folder", adapter_dir), ("base model folder", base_dir)],
                                base_ckpt.config.get("vocab_size"), required=True)
+    logger.info(ensure_chat_template(shipped))  # the template the run trained with: its own, or the one training installed
+    ollama = ollama_template(shipped)
+    if ollama.template is None:
+        logger.warning("ollama Modelfile: %s; it is written without a TEMPLATE", ollama.reason)
     tensors = plan_tensors(base_ckpt, gguf_type)
     total = sum(t.nbytes for t in tensors)
     check_disk_space(output, total)
@@ -226,19 +232,21 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
     # every refusal happens before this line
     with staging(output, overwrite) as tmp:
         write_gguf(os.path.join(tmp, file_name), base_ckpt, plan, tensors, vocab, gguf_type, name)
-        check = None
+        checked = None
         if verify:
             check = verify_gguf(os.path.join(tmp, file_name), base_dir, source, gguf_type, shipped, vocab.model,
                                 base_ckpt, plan, tensors)
             if not check.passed:
                 raise ExportError(f"verification {check.line()}; nothing written (--no-verify skips the check)")
-        stop = shipped.eos_token
-        write_text(tmp, "Modelfile", ollama_modelfile(file_name, vocab.chat_template, stop))
-        write_text(tmp, "README.md", gguf_card(source, base_ckpt, gguf_type, file_name, name, check and check.line(),
+            checked = check.line() + "; " + (
+                check_template(ollama.template, shipped, vocab.add_bos, os.path.join(tmp, file_name))
+                if ollama.template is not None else f"the Modelfile has no TEMPLATE ({ollama.reason})")
+        write_text(tmp, "Modelfile", ollama_modelfile(file_name, ollama))
+        write_text(tmp, "README.md", gguf_card(source, base_ckpt, gguf_type, file_name, name, checked,
                                                os.path.abspath(output)))
     logger.info("wrote %s: %d tensors, %.3f GB, %s", file_name, len(tensors), total / 1e9, gguf_type)
     return ExportResult(output, gguf_type, [file_name, "Modelfile", "README.md"], total, len(plan.deltas),
-                        source.description, None, check and check.line(), time.perf_counter() - start)
+                        source.description, None, checked, time.perf_counter() - start)
 
 
 def run_name(source) -> str:

@@ -108,14 +108,23 @@ def verify_gguf(path: str, base_dir: str, source: AdapterSource, gguf_type: str,
 
 
 def _tokenizer_reads_back(folder: str, name: str, tokenizer, texts: list[str]) -> bool:
-    """The same ids for every text, without and with the special tokens the tokenizer adds (BOS)."""
+    """The same ids for every text; with special tokens added, the BOS (and EOS) the file says to add:
+    gguf_vocab writes add_bos_token as training saw BOS (the chat template's), not as the tokenizer's
+    post-processor adds it."""
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
+    fields = GGUFReader(os.path.join(folder, name)).fields
+    add = {k: bool(fields[f"tokenizer.ggml.add_{k}_token"].contents()) for k in ("bos", "eos")}
     read_back = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if getattr(read_back, "chat_template", None) != getattr(tokenizer, "chat_template", None):
         return False
-    return all(read_back(text, add_special_tokens=special)["input_ids"] == tokenizer(text, add_special_tokens=special)["input_ids"]
-               for text in texts for special in (False, True))
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        added = [tokenizer.bos_token_id] * add["bos"] + ids + [tokenizer.eos_token_id] * add["eos"]
+        if read_back(text, add_special_tokens=False)["input_ids"] != ids or read_back(text)["input_ids"] != added:
+            return False
+    return True
 
 
 def _check_settings(read: object, config: dict, path: str) -> None:

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from hashlib import sha256
 
+from ..tokenizer import template_writes_bos
 from .common import ExportError
 
 logger = logging.getLogger("asymllm.export")
@@ -124,8 +125,11 @@ def gguf_vocab(tokenizer, tokenizer_dir: str, config: dict, pre_tokenizer: str |
     if "eos" not in special_ids:
         raise ExportError(f"tokenizer {tokenizer_dir}: no end-of-sequence token (neither the tokenizer nor config.json "
                           "names one); llama.cpp would not know where a reply ends")
+    # BOS as training saw it: first when the chat template writes it first (llama.cpp then adds it,
+    # and strips the template's own), never from the tokenizer's post-processor, which training and
+    # `asymllm chat` do not run (they tokenize the rendered template without special tokens)
     common = dict(special_ids=special_ids, chat_template=getattr(tokenizer, "chat_template", None),
-                  add_bos=tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id],
+                  add_bos=tokenizer.bos_token_id is not None and template_writes_bos(tokenizer),
                   add_eos=tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id])
     if sentencepiece:
         _check_merge_closure(tokens, types, merges, tokenizer_dir)

@@ -110,21 +110,6 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-# ChatML (SmolLM2, Qwen, the tiny test models) in ollama's Go template language. Other chat
-# templates are left to ollama, which reads tokenizer.chat_template from the file.
-OLLAMA_CHATML = ('TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-                 '{{ end }}<|im_start|>assistant\n"""')
-
-
-def ollama_modelfile(file_name: str, chat_template: str | None, stop: str | None) -> str:
-    lines = ["# ollama create NAME -f Modelfile && ollama run NAME   (from this folder)", f"FROM ./{file_name}"]
-    if chat_template and "<|im_start|>" in chat_template:
-        lines.append(OLLAMA_CHATML)
-    if stop:
-        lines.append(f'PARAMETER stop "{stop}"')
-    return "\n".join(lines) + "\n"
-
-
 def gguf_card(source: AdapterSource, base: BaseCheckpoint, gguf_type: str, file_name: str, name: str,
               check: str | None, folder: str) -> str:
     from .. import __version__
