@@ -255,13 +255,16 @@ def _resume(model_dir, checkpoint, *flags):
     (["--target_modules", "q_proj", "v_proj"],
      "--target_modules: down_proj,gate_proj,k_proj,o_proj,q_proj,up_proj,v_proj in the checkpoint, q_proj,v_proj in this run"),
 ])
-def test_resume_refuses_a_checkpoint_made_with_other_settings(fast_run, model_dir, tmp_path, caplog, flags, shown):
+def test_resume_refuses_a_checkpoint_made_with_other_settings(fast_run, model_dir, tmp_path, caplog, capsys, flags, shown):
+    """Exit 4 (a stale checkpoint: a sweep starts the cell afresh), one line on stderr."""
     checkpoint = _copy_checkpoint(fast_run, tmp_path)
     caplog.set_level(logging.INFO)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         _resume(model_dir, checkpoint, *flags)
-    message = str(refused.value)
-    assert f"--resume_from_checkpoint {checkpoint}:" in message and shown in message, message
+    assert refused.value.code == 4, refused.value.code
+    (message,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("asymllm train: error:")]
+    assert message.startswith(f"asymllm train: error: --resume_from_checkpoint {checkpoint}:") and shown in message, message
     assert f"model {model_dir} in" not in caplog.text  # refused before the model was loaded
     assert not (checkpoint.parent / "adapter").exists()
 
@@ -317,3 +320,48 @@ def test_resume_accepts_a_checkpoint_whose_frozen_A_was_stored_in_bf16(fast_run,
     _save_adapter_file(checkpoint, tensors)
     with pytest.raises(SystemExit, match="rebuilt here differs from the checkpoint's"):
         _resume(model_dir, checkpoint)
+
+
+# --- "Numbers users can trust, round 2": check first, delete last; incomplete saves cleaned up
+
+QUICK = ["--max_steps", "3", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+         "--eval_strategy", "no", "--lora_r", "4", "--lora_alpha", "8"]
+
+
+@pytest.mark.parametrize("bad_model", ["no-such-model", "broken-config"])
+def test_overwrite_output_dir_keeps_the_earlier_run_when_the_new_one_is_refused(model_dir, tmp_path, bad_model):
+    """A typo in --model (no such folder: check_model_path) or a folder that is no model (its config
+    unreadable: the preflight) is refused before --overwrite_output_dir deletes anything."""
+    out = tmp_path / "out"
+    main(["--model", model_dir, "--output_dir", str(out), *QUICK, "--max_steps", "1"])
+    before = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert before == ["adapter", "checkpoint-1"]
+    model = tmp_path / bad_model
+    if bad_model == "broken-config":
+        model.mkdir()
+        (model / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as refused:
+        main(["--model", str(model), "--output_dir", str(out), "--overwrite_output_dir", *QUICK])
+    assert f"--model {model}" in str(refused.value), refused.value
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == before, "the refused run deleted the earlier one"
+    verify_adapter_dir(str(out / "adapter"))
+
+
+def test_incomplete_checkpoints_are_removed_once_a_complete_one_replaces_them(model_dir, tmp_path, caplog):
+    """incomplete-checkpoint-N (a half-written save moved aside) goes once checkpoint-M, M >= N, is
+    complete; one no complete checkpoint has reached yet stays until then (here: the run's end)."""
+    out = tmp_path / "out"
+    flags = ["--model", model_dir, "--output_dir", str(out), *QUICK, *RESUME]
+    assert main([*flags, "--stop_after_steps", "1"])["stopped_at"] == 1
+    for step in (2, 3):  # what two killed saves leave: a copy without its completion marker
+        shutil.copytree(out / "checkpoint-1", out / f"checkpoint-{step}")
+        (out / f"checkpoint-{step}" / "asymllm_checkpoint.json").unlink()
+    caplog.set_level(logging.INFO)
+    assert main([*flags, "--stop_after_steps", "2"])["stopped_at"] == 2  # resumes checkpoint-1 past the two
+    assert f"{out / 'checkpoint-2'} was an incomplete save of an earlier attempt: moved to {out / 'incomplete-checkpoint-2'}" in caplog.text
+    assert f"removed {out / 'incomplete-checkpoint-2'}: {out / 'checkpoint-2'} is complete" in caplog.text
+    assert not (out / "incomplete-checkpoint-2").exists()
+    assert (out / "checkpoint-3").exists() and not (out / "incomplete-checkpoint-3").exists()  # nothing replaced it yet
+    assert main(flags)["steps"] == 3
+    assert f"removed {out / 'incomplete-checkpoint-3'}: {out / 'checkpoint-3'} is complete" in caplog.text
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and "checkpoint" in p.name) == ["checkpoint-2", "checkpoint-3"]

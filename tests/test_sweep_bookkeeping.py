@@ -222,3 +222,28 @@ def test_grid_mode_compares_at_matched_learning_rates_only():
     assert sorted(set(pairs)) == [(("a", 4, 1e-3), ("ref", 4, 1e-3)), (("a", 4, 1e-2), ("ref", 4, 1e-2))]
     every = [(p.config, p.reference) for _, found in comparisons(runs, "ref") for p in found]
     assert len(set(every)) == 4  # every rate with every rate: what grid mode no longer reports
+
+
+# --- finding 2: an unfinished cell continues only a checkpoint of its own settings ------------
+
+
+@pytest.mark.slow
+def test_an_unfinished_cell_of_other_settings_starts_afresh_and_says_why(tiny, tmp_path, caplog):
+    """The issue's repro: a cell's training stopped at step 4 of 40, then the sweep runs with
+    --max_steps 8; it used to continue the old optimizer, schedule and data position."""
+    from asymllm.training.train import main as train
+
+    cell = tmp_path / "sweep" / "runs" / "hA_he_hB_zero-r4-s0"
+    train(["--model", tiny, "--recipe", "lora", "--lora_r", "4", "--lora_alpha", "8", "--seed", "0",
+           "--output_dir", str(cell / "train"), "--max_steps", "40", "--save_steps", "2", "--save_strategy", "steps",
+           "--stop_after_steps", "4", "--logging_steps", "2"])
+    assert (cell / "train" / "checkpoint-4").is_dir()
+    caplog.set_level(logging.INFO, logger="asymllm.sweep")
+    result = sweep.main(["--configs", "lora:4", "--seeds", "0", "--output", str(tmp_path / "sweep"), "--eval_flags", EVAL,
+                         "--", "--model", tiny, "--max_steps", "8", "--logging_steps", "2"])[0]
+    assert "hA_he_hB_zero-r4-s0: starting afresh: asymllm train: error: --resume_from_checkpoint" in caplog.text
+    assert "--max_steps" in caplog.text  # the setting that differs is named
+    log = (cell / "train.log").read_text()
+    assert "continuing from" not in log and "--overwrite_output_dir" in log.splitlines()[0]
+    state = json.loads((cell / "train" / "adapter" / ".." / "metrics.json").read_text())
+    assert state["steps"] == 8 and result["settings"]["train_flags"][-3:] == ["8", "--logging_steps", "2"]

@@ -40,6 +40,7 @@ logger = logging.getLogger("asymllm.sweep")
 # elsewhere from its committed result files. Reused only when the user says so.
 ADAPTER_GONE = "result.json is there but its adapter"
 TRAIN_OUTCOMES = (EXIT_DIVERGED, EXIT_STALE_CHECKPOINT)  # results of a cell, not failures of the sweep
+STALE_PREFIX, STALE_MARK = "asymllm train: error: --resume_from_checkpoint", "made with other settings"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -249,12 +250,12 @@ def run_one(cell: CellPlan, phase: Phase, args, where: str, train: bool = True, 
     start = time.perf_counter()
     train_dir, eval_dir = os.path.join(run_dir, "train"), os.path.join(run_dir, "eval")
     if train:
-        code = _run(train_command(spec, train_dir, phase, args, settings, fresh), run_dir, "train", allowed=TRAIN_OUTCOMES)
-        if code == EXIT_STALE_CHECKPOINT:  # its checkpoint is of other settings: start the cell afresh
-            logger.info("%s: starting afresh: %s", where, _last_line(os.path.join(run_dir, "train.log")))
+        outcome = train_outcome(spec, train_dir, phase, args, settings, fresh, run_dir)
+        if outcome == "stale checkpoint":  # its checkpoint is of other settings: start the cell afresh
+            logger.info("%s: starting afresh: %s", where, _stale_line(os.path.join(run_dir, "train.log")))
             fresh = True
-            code = _run(train_command(spec, train_dir, phase, args, settings, fresh), run_dir, "train", allowed=(EXIT_DIVERGED,))
-        if code == EXIT_DIVERGED:
+            outcome = train_outcome(spec, train_dir, phase, args, settings, fresh, run_dir)
+        if outcome == "diverged":
             result = diverged_result(spec, train_dir, time.perf_counter() - start, settings)
             logger.info("%s: diverged (%s): counted as the worst", where, result["diverged"]["where"])
             write_result(run_dir, result)
@@ -285,6 +286,30 @@ def train_command(spec: RunSpec, train_dir: str, phase: Phase, args, settings: d
     if args.config:
         command += ["--config", args.config]
     return command + phase.train_flags
+
+
+def train_outcome(spec: RunSpec, train_dir: str, phase: Phase, args, settings: dict, fresh: bool, run_dir: str) -> str:
+    """"trained", "diverged" or "stale checkpoint". A launcher (torchrun) turns every failed
+    worker into its own exit code 1, so the two outcomes are also read off what train left: the
+    divergence record written during this attempt, the refusal's line in the log."""
+    started = time.time()
+    command = train_command(spec, train_dir, phase, args, settings, fresh)
+    code = _run(command, run_dir, "train", allowed=TRAIN_OUTCOMES if not args.launcher else (*TRAIN_OUTCOMES, 1))
+    if code == 0:
+        return "trained"
+    record = os.path.join(train_dir, DIVERGED_FILE)
+    if code == EXIT_DIVERGED or (os.path.isfile(record) and os.path.getmtime(record) >= started - 1):
+        return "diverged"
+    if not fresh and (code == EXIT_STALE_CHECKPOINT or _stale_line(os.path.join(run_dir, "train.log"))):
+        return "stale checkpoint"
+    log = os.path.join(run_dir, "train.log")
+    raise SystemExit(f"asymllm sweep: train failed in {run_dir} (exit {code}); log {log}:\n{_tail(log)}")
+
+
+def _stale_line(log_path: str) -> str | None:
+    """train's one-line refusal of a checkpoint of other settings, if the log holds it."""
+    with open(log_path) as f:
+        return next((line.strip() for line in f if STALE_PREFIX in line and STALE_MARK in line), None)
 
 
 def diverged_result(spec: RunSpec, train_dir: str, wall_s: float, settings: dict) -> dict:
@@ -318,16 +343,13 @@ def _run(command: list[str], run_dir: str, label: str, allowed: tuple[int, ...] 
         log.flush()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0 and done.returncode not in allowed:
-        with open(log_path) as log:
-            tail = "".join(log.readlines()[-5:])
-        raise SystemExit(f"asymllm sweep: {label} failed in {run_dir} (exit {done.returncode}); log {log_path}:\n{tail}")
+        raise SystemExit(f"asymllm sweep: {label} failed in {run_dir} (exit {done.returncode}); log {log_path}:\n{_tail(log_path)}")
     return done.returncode
 
 
-def _last_line(path: str) -> str:
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
-    return lines[-1] if lines else "(empty log)"
+def _tail(log_path: str, lines: int = 5) -> str:
+    with open(log_path) as log:
+        return "".join(log.readlines()[-lines:])
 
 
 def collect(spec: RunSpec, train_dir: str, eval_dir: str, wall_s: float) -> dict:

@@ -74,7 +74,8 @@ class RunConfig(SFTConfig):
                 "measured 0.98x the fp32 wall time on the default run, benchmarks/RESULTS.md)"})
     max_bad_steps: int = field(default=0, metadata={
         "help": "steps with a non-finite loss (on any rank) to skip, optimizer step included, before the run stops "
-                "(default 0: stop at the first, nothing saved after the last good checkpoint)"})
+                "(default 0: stop at the first, nothing saved after the last good checkpoint); a finite loss above the "
+                "divergence bound stated in the log is never skipped: 3 such steps in a row stop the run"})
 
     def __post_init__(self):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:

@@ -30,10 +30,11 @@ from ..builtin import resolve_model
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, load_examples, split_heldout
 from ..distributed import bootstrap_cpu_distributed, finish_distributed, restart_store_warning
 from ..records import source_identity, split_read
-from ..run_record import write_run_record
+from ..run_record import training_settings, write_run_record
 from ..tokenizer import ensure_chat_template, ensure_pad_token
 from ..zero import count_parameters, rank_and_world
-from .checkpoints import check_complete, latest_complete_checkpoint
+from .checkpoints import (EXIT_STALE_CHECKPOINT, INCOMPLETE_PREFIX, StaleCheckpoint, check_complete, latest_complete_checkpoint,
+                          remove_incomplete)
 from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
 from .faults import Diverged, StepGuard, StopSignals, check_not_diverged_before, exit_diverged, exit_stopped_by_signal
 from .packing import PackingError, check_packing
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> dict:
         if restart_store_warning():
             logger.warning(restart_store_warning())
         result = train(adapter_args, model_args, data_args, sft_config)
+    except StaleCheckpoint as error:  # its own exit code: a sweep starts such a cell afresh, logging this one line
+        print(f"asymllm train: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STALE_CHECKPOINT) from None
     except USER_ERRORS as error:
         raise SystemExit(f"asymllm train: error: {error}") from None
     # Only a run that ended on every rank together meets the others at the final barrier: one
@@ -80,13 +84,14 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     check_not_diverged_before(sft_config.output_dir)  # a torchrun restart would diverge again
     # Before anything is loaded: a refusal should not cost a model load.
     resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir, data_args.overwrite_output_dir)
-    if resume:
-        check_checkpoint_settings(resume, run_settings(adapter_args, recipe, sft_config.seed))
-    elif not sft_config.resume_from_checkpoint:
-        prepare_fresh_output_dir(sft_config.output_dir, data_args.overwrite_output_dir)
     model_path = check_model_path(resolve_model(model_args.model))
+    settings = training_settings(adapter_args, model_args, data_args, sft_config, recipe, model_path, data_sources(data_args))
+    if resume:
+        check_checkpoint_settings(resume, run_settings(adapter_args, recipe, sft_config.seed), training=settings)
+    earlier = [] if sft_config.resume_from_checkpoint else check_fresh_output_dir(sft_config.output_dir, data_args.overwrite_output_dir)
     preflight(sft_config.output_dir, model_path, adapter_args, recipe, agreed_settings(adapter_args, model_path, data_args,
                                                                                        sft_config, recipe, resume))
+    remove_earlier_run(sft_config.output_dir, earlier)  # check first, delete last: a refused run costs no earlier one
     tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
     attn = choose_attention(model_args.attn_implementation)
@@ -115,7 +120,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     if data_args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
     write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
-                     resumed_from=resume)
+                     resumed_from=resume, training_settings=settings)
     signals.install()  # from here a SIGTERM/SIGUSR1 means "checkpoint and exit", not "die now"
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -158,10 +163,14 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def data_sources(data_args) -> tuple[str, str | None]:
+    """(training data, held-out data or None) as the flags name them, the built-in sets by default."""
+    return data_args.dataset or BUILTIN_DATASET, data_args.eval_dataset or (BUILTIN_HELDOUT if data_args.dataset is None else None)
+
+
 def load_data(data_args, tokenizer, sft_config):
     """Tokenized train and held-out sets (input_ids + labels), with every skip reported."""
-    source = data_args.dataset or BUILTIN_DATASET
-    eval_source = data_args.eval_dataset or (BUILTIN_HELDOUT if data_args.dataset is None else None)
+    source, eval_source = data_sources(data_args)
     if eval_source:
         check_heldout_is_not_training_data(data_args, source, eval_source)
     examples, skips = load_examples(source, split=data_args.dataset_split)
@@ -278,28 +287,31 @@ def agreed_settings(adapter_args, model_path: str, data_args, sft_config, recipe
 
 
 def earlier_run_outputs(output_dir: str) -> list[str]:
-    """The adapter/ and checkpoint-* folders an earlier run left in output_dir."""
+    """The adapter/, checkpoint-* and incomplete-checkpoint-* folders an earlier run left in output_dir."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(name for name in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, name))
-                  and (name == "adapter" or name.startswith(f"{PREFIX_CHECKPOINT_DIR}-")))
+    return sorted(name for name in os.listdir(output_dir) if os.path.isdir(os.path.join(output_dir, name)) and (
+        name == "adapter" or name.startswith((f"{PREFIX_CHECKPOINT_DIR}-", f"{INCOMPLETE_PREFIX}{PREFIX_CHECKPOINT_DIR}-"))))
 
 
-def prepare_fresh_output_dir(output_dir: str, overwrite: bool) -> None:
+def check_fresh_output_dir(output_dir: str, overwrite: bool) -> list[str]:
     """A fresh run never mixes with an earlier one: refused, or (asked for) the earlier one's
-    adapter and checkpoints removed. Left in place, a stale checkpoint-N would be what a later
-    `--resume_from_checkpoint auto` takes, and save_total_limit would rotate out the new run's."""
+    folders returned, for remove_earlier_run once every check has passed. Left in place, a stale
+    checkpoint-N would be what a later `--resume_from_checkpoint auto` takes, and save_total_limit
+    would rotate out the new run's."""
     earlier = earlier_run_outputs(output_dir)
-    if not earlier:
-        return
-    listed = ", ".join(f"{name}/" for name in earlier)
-    if not overwrite:
-        raise ConfigError(f"--output_dir {output_dir} already holds an earlier run ({listed}); pass --overwrite_output_dir "
-                          "to replace it, --resume_from_checkpoint auto to continue it, or choose another --output_dir")
-    if int(os.environ.get("RANK", "0")) == 0:  # one rank deletes; the process group may not exist yet
+    if earlier and not overwrite:
+        raise ConfigError(f"--output_dir {output_dir} already holds an earlier run ({', '.join(f'{n}/' for n in earlier)}); pass "
+                          "--overwrite_output_dir to replace it, --resume_from_checkpoint auto to continue it, or choose another --output_dir")
+    return earlier
+
+
+def remove_earlier_run(output_dir: str, earlier: list[str]) -> None:
+    """--overwrite_output_dir, after the model, flags and preflight checks and before anything is written there."""
+    if earlier and int(os.environ.get("RANK", "0")) == 0:  # one rank deletes
         for name in earlier:
             shutil.rmtree(os.path.join(output_dir, name))
-        logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", listed, output_dir)
+        logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(f"{n}/" for n in earlier), output_dir)
 
 
 def finish(trainer, sft_config, eval_set, result) -> dict:
@@ -316,6 +328,7 @@ def finish(trainer, sft_config, eval_set, result) -> dict:
         with open(os.path.join(sft_config.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         card = write_run_card(sft_config.output_dir)
+        remove_incomplete(sft_config.output_dir, up_to_step=None, because=f"the run finished (its adapter: {final_dir})")
         print_next_steps(sft_config.output_dir, final_dir, metrics, written=[p for p in (curve, card) if p])
     return {**metrics, "adapter_dir": final_dir, "output_dir": sft_config.output_dir}
 

@@ -12,8 +12,9 @@
    progress lines when the bars are off (stderr not a terminal); and asymllm's model card
    in place of TRL's, which names no base model when it was loaded from a folder.
 4. Faults: every checkpoint gets its completion marker once every rank has written its part
-   (training/checkpoints.py); a stop signal or a non-finite loss on any rank is agreed by all
-   ranks after each forward, and handled the same way on each (training/faults.py).
+   (training/checkpoints.py); a stop signal, or a loss that is not finite or above the
+   divergence bound, is agreed by all ranks after each forward, and handled the same way on
+   each (training/faults.py); under fp16 a skipped step goes through the GradScaler.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from ..adapters.recipe import Recipe
 from ..adapters.recipe_file import RECIPE_FILE, read_recipe_file
 from ..distributed import barrier
 from ..zero import count_parameters, gathered
-from .checkpoints import clear_for_save, write_marker
+from .checkpoints import (StaleCheckpoint, clear_for_save, comparable, recorded_training_settings, setting_differences,
+                          stale_message, write_marker)
 from .config import ConfigError
 from .faults import StepGuard, StopAtAgreedSignal, StopSignals
 from .precision import cpu_autocast
@@ -48,8 +50,10 @@ class LorasymSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self._loss_tokens = 0
         self._last_log = None  # (time, tokens) at the previous log; set at the first step
-        self.guard = guard or StepGuard(StopSignals())  # signals not installed: stops only on a non-finite loss
-        self._skip_backward = False
+        self.guard = guard or StepGuard(StopSignals())  # signals not installed: stops only on a diverged loss
+        if self.guard.vocab_size is None:
+            self.guard.vocab_size = _vocab_size(self.model)
+        logger.info(self.guard.describe_bound())
         self._guard_backward()
         self.add_callback(LogLastStep)
         self.add_callback(StopAtAgreedSignal(self.guard))
@@ -65,14 +69,29 @@ class LorasymSFTTrainer(SFTTrainer):
 
     def _guard_backward(self) -> None:
         """The Trainer's training_step runs the forward and then accelerator.backward, and under
-        DeepSpeed the optimizer step happens inside that backward: a micro-batch with a
-        non-finite loss is kept out of both by not running it (every rank agreed to skip)."""
+        DeepSpeed the optimizer step happens inside that backward. Here, between the two, every
+        rank learns what every rank saw (training/faults.py), and a micro-batch with a non-finite
+        loss is kept out of both by not running it (every rank agreed to skip). The loss handed
+        to backward is the one training_step returns and the Trainer logs (scaled for gradient
+        accumulation), so the divergence bound is checked on the logged loss."""
         backward = self.accelerator.backward
 
         def guarded_backward(loss, **kwargs):
-            if not self._skip_backward:
+            if not self.guard.after_forward(loss, self.state.global_step + 1):
                 return backward(loss, **kwargs)
+            self._let_the_grad_scaler_skip()
         self.accelerator.backward = guarded_backward
+
+    def _let_the_grad_scaler_skip(self) -> None:
+        """fp16 with accelerate's GradScaler (on a GPU; DeepSpeed's own scaler never sees a
+        skipped step): the scaler steps the optimizer only once it has checked the gradients
+        for inf/NaN, and asserts "No inf checks were recorded" when a skipped backward left it
+        none. An infinite gradient makes it skip the step and lower its scale itself, as for an
+        fp16 overflow (the fused AdamW is handed the scaler's found-inf and makes the step a no-op)."""
+        if getattr(self.accelerator, "scaler", None) is None:
+            return
+        param = next(p for p in self.model.parameters() if p.requires_grad)
+        param.grad = torch.full_like(param, float("inf"))  # the step is dropped whole: its other gradients too
 
     def save_stop_checkpoint(self) -> None:
         """After a stop signal: the step's checkpoint, unless the loop saved it (save_strategy
@@ -87,11 +106,7 @@ class LorasymSFTTrainer(SFTTrainer):
         if labels is not None and model.training:
             # shifted: what the loss really counts; kept on the device (int() would sync every step)
             self._loss_tokens = self._loss_tokens + (labels[..., 1:] != -100).sum()
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            loss = result[0] if return_outputs else result
-            self._skip_backward = self.guard.after_forward(loss, self.state.global_step + 1)
-        return result
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then its completion marker (written last, by rank 0, once
@@ -148,6 +163,13 @@ class LorasymSFTTrainer(SFTTrainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
 
+def _vocab_size(model) -> int | None:
+    """The number of logits the loss is taken over (the divergence bound's V)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
 def checkpoint_settings(checkpoint_dir: str) -> dict:
     """What a checkpoint was made with, keyed by the flag that sets it: recipe and seed from
     its lorasym.json, the adapter's shape from its adapter_config.json."""
@@ -166,30 +188,25 @@ def checkpoint_settings(checkpoint_dir: str) -> dict:
             "--use_rslora": bool(config.get("use_rslora", False)), "--target_modules": config.get("target_modules")}
 
 
-def check_checkpoint_settings(checkpoint_dir: str, settings: dict) -> None:
-    """Refuse to continue a checkpoint made with other settings: the run would train on with
-    the checkpoint's factors while recording this run's recipe and seed (a later rebuild from
-    that record gives other factors). `settings`: flag -> this run's value (None: not known yet)."""
+def check_checkpoint_settings(checkpoint_dir: str, settings: dict, training: dict | None = None) -> None:
+    """Refuse (StaleCheckpoint) to continue a checkpoint made with other settings: the run would
+    go on with the checkpoint's factors, optimizer, schedule and data position while recording
+    this run's settings. `settings`: flag -> this run's value (None: not known yet), compared with
+    the checkpoint's adapter files; `training`: this run's training settings (run_record.py),
+    compared with those its marker records (a checkpoint from before they were recorded: a warning).
+    From files and flags alone, so every rank decides the same."""
     made_with = checkpoint_settings(checkpoint_dir)
-    differ = [f"{flag}: {_shown(made_with[flag])} in the checkpoint, {_shown(value)} in this run"
-              for flag, value in settings.items() if value is not None and _comparable(made_with[flag]) != _comparable(value)]
+    differ = {flag: (made_with[flag], value) for flag, value in settings.items()
+              if value is not None and comparable(made_with[flag]) != comparable(value)}
+    if training is not None:
+        recorded = recorded_training_settings(checkpoint_dir)
+        if recorded is None:
+            logger.warning("--resume_from_checkpoint %s: the checkpoint records no training settings (made by an earlier "
+                           "asymllm), so they could not be checked; only its recipe, seed and adapter shape were", checkpoint_dir)
+        for flag, pair in setting_differences(recorded or {}, training).items():
+            differ.setdefault(flag, pair)
     if differ:
-        raise ConfigError(f"--resume_from_checkpoint {checkpoint_dir}: made with other settings than this run "
-                          f"({'; '.join(differ)}); resume with the checkpoint's settings, or start a fresh run in another --output_dir")
-
-
-def _comparable(value):
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return frozenset(value)  # peft stores target_modules as a set: the order means nothing
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)  # lora_alpha 32 and 32.0 are one value
-    return value
-
-
-def _shown(value) -> str:
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return ",".join(sorted(value))
-    return f"{value:g}" if isinstance(value, float) else str(value)
+        raise StaleCheckpoint(stale_message(checkpoint_dir, differ))
 
 
 # Inits a rebuild reproduces bit for bit: seeded CPU generators, or zeros. An SVD (V, U) is
