@@ -83,8 +83,12 @@ def test_unknown_flag_without_a_close_one_lists_the_flags(capsys):
 def test_flags_after_a_bare_double_dash_and_abbreviations_are_left_to_argparse(capsys):
     from asymllm import sweep
 
-    args = sweep.parse_args(["--recipes", "asym", "--out", "s", "--eval_flags", "--limit 60", "--", "--lora_rr", "8"])
-    assert args.output == "s" and args.eval_flags == "--limit 60" and args.train_flags == ["--lora_rr", "8"]
+    args = sweep.parse_args(["--recipes", "asym", "--out", "s", "--eval_flags", "--limit 60", "--", "--lora_dropout", "0.1"])
+    assert args.output == "s" and args.eval_flags == "--limit 60" and args.train_flags == ["--lora_dropout", "0.1"]
+    # the training flags are not the sweep's own, but they are checked as `asymllm train` reads them, before any cell runs
+    with pytest.raises(SystemExit) as refused:
+        sweep.parse_args(["--recipes", "asym", "--out", "s", "--", "--lora_rr", "8"])
+    assert str(refused.value) == "asymllm sweep: unknown training flag after --: --lora_rr (did you mean: --lora_rr -> --lora_r?)"
     with pytest.raises(SystemExit):  # a flag-like value: argparse's own message says what to do
         sweep.parse_args(["--recipes", "asym", "--output", "s", "--eval_flags", "--no_progress"])
     assert "--eval_flags: expected one argument" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import os
 import shlex
 from dataclasses import dataclass
 
+from ..cli_args import closest
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT
 
 # Evaluation flags that choose what is scored: the sweep sets them (per phase), never the user.
@@ -47,10 +48,12 @@ def given_training_settings(train_flags: list[str], config: str | None = None) -
     for action in parser._actions:  # only what was given comes back
         action.default, action.required = argparse.SUPPRESS, False
     given, unknown = parser.parse_known_args(train_flags)
-    unknown = [u for u in unknown if u.startswith("--")]
-    if unknown:
-        raise SweepFlagError(f"unknown training flag{'s' if len(unknown) > 1 else ''} after --: {' '.join(unknown)} "
-                             "(asymllm train --help lists them)")
+    unknown = [u.split("=", 1)[0] for u in unknown if u.startswith("--")]
+    if unknown:  # said before the first cell, not by its train after minutes of a sweep
+        known = [option for action in parser._actions for option in action.option_strings]
+        hints = [f"{u} -> {match}" for u in unknown if (match := closest(u, known))]
+        raise SweepFlagError(f"unknown training flag{'s' if len(unknown) > 1 else ''} after --: {' '.join(unknown)}"
+                             + (f" (did you mean: {', '.join(hints)}?)" if hints else " (asymllm train --help lists them)"))
     try:
         from_file = read_yaml_config(["--config", config]) if config else {}
     except ConfigError as error:
