@@ -9,6 +9,7 @@ import math
 import os
 import statistics
 
+from ..data import BUILTIN_DATASET
 from .compare import DIRECTION, Paired, config_key, equal_parameter_references, paired
 
 COLUMNS = ["phase", "recipe", "rank", "lr", "lora_alpha", "seed", "trainable_params", "train_loss", "heldout_loss",
@@ -37,7 +38,7 @@ def write_markdown(path: str, final: list[dict], reference: str, selection: list
     if selection is not None:
         lines += [f"## Selection: the learning rate of each recipe and rank, on validation ({select_metric})", "",
                   f"Validation: {split['validation']} of the {split['validation'] + split['train']} training examples "
-                  f"of {split['source']} (seed {split['seed']}); trained on the other {split['train']}. The held-out "
+                  f"of {_data_name(split['source'])} (seed {split['seed']}); trained on the other {split['train']}. The held-out "
                   "set is not used here.", *scored_line("Selection", scored_on.get("selection")), ""]
         lines += config_table(selection, mark=chosen)
         lines += edge_note(edges or {}, chosen)
@@ -52,6 +53,12 @@ def write_markdown(path: str, final: list[dict], reference: str, selection: list
     lines += reuse_note([*(selection or []), *final])
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _data_name(source: str) -> str:
+    """The built-in data by name (its path is of whichever checkout ran the sweep)."""
+    builtin = os.path.join("asymllm", "data", os.path.basename(BUILTIN_DATASET))
+    return "the built-in training data" if source == BUILTIN_DATASET or source.endswith(builtin) else source
 
 
 def scored_line(what: str, scored: dict | None) -> list[str]:
@@ -148,10 +155,13 @@ def _config(key: tuple) -> str:
 
 
 def groups(results: list[dict]) -> dict:
+    """config -> its runs; configurations of one recipe and rank together, by learning rate (a rate
+    added by --extend_grid sits beside the others, not at the end)."""
     found: dict = {}
     for r in results:
         found.setdefault(config_key(r), []).append(r)
-    return found
+    first = {key[:2]: i for i, key in reversed(list(enumerate(found)))}
+    return dict(sorted(found.items(), key=lambda item: (first[item[0][:2]], item[0][2] is not None, item[0][2] or 0)))
 
 
 def mean_std(values) -> str:
