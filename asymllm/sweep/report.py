@@ -9,7 +9,7 @@ import math
 import os
 import statistics
 
-from ..data import BUILTIN_DATASET
+from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT
 from .compare import DIRECTION, Paired, config_key, equal_parameter_references, paired
 
 COLUMNS = ["phase", "recipe", "rank", "lr", "lora_alpha", "seed", "trainable_params", "train_loss", "heldout_loss",
@@ -55,10 +55,12 @@ def write_markdown(path: str, final: list[dict], reference: str, selection: list
         f.write("\n".join(lines) + "\n")
 
 
-def _data_name(source: str) -> str:
+def _data_name(source: str, quoted: bool = False) -> str:
     """The built-in data by name (its path is of whichever checkout ran the sweep)."""
-    builtin = os.path.join("asymllm", "data", os.path.basename(BUILTIN_DATASET))
-    return "the built-in training data" if source == BUILTIN_DATASET or source.endswith(builtin) else source
+    for path, name in ((BUILTIN_DATASET, "the built-in training data"), (BUILTIN_HELDOUT, "the built-in held-out set")):
+        if source == path or source.endswith(os.path.join("asymllm", "data", os.path.basename(path))):
+            return f"{name} (`asymllm/data/{os.path.basename(path)}`)" if quoted else name
+    return f"`{source}`" if quoted else source
 
 
 def scored_line(what: str, scored: dict | None) -> list[str]:
@@ -66,7 +68,7 @@ def scored_line(what: str, scored: dict | None) -> list[str]:
     if not scored or not scored.get("file"):
         return []
     sha = f" (sha256 {scored['sha256']})" if scored.get("sha256") else " (not a local file: no sha256)"
-    return [f"{what} scored on `{scored['file']}`{sha}."]
+    return [f"{what} scored on {_data_name(scored['file'], quoted=True)}{sha}."]
 
 
 def edge_note(edges: dict, chosen: dict | None) -> list[str]:
