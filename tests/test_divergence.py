@@ -86,8 +86,9 @@ def _losses(log: str) -> list[float]:
 
 def test_the_bound_is_far_above_the_built_in_defaults_healthy_losses_and_below_its_collapse():
     """The built-in default (SmolLM2-135M-Instruct, V = 49,152): every loss logged by the runs
-    of benchmarks/sweep_fair (52 committed; lr 1e-4 to 3e-3, 1-2 epochs, first logs included) is
-    below a third of the bound; its first step's loss is 4.03 (measured here, batch 8), so
+    of benchmarks/sweep_fair (54 committed; lr 1e-4 to 1e-2, 1-2 epochs, first logs included) is
+    below half the bound, and below a third at the rates the study selected from (up to 3e-3; at
+    1e-2 a run logged 4.19, still a healthy run, its loss falling); its first step's loss is 4.03 (measured here, batch 8), so
     twice it stays under ln(V/2). A run at --learning_rate 1e6 --max_grad_norm 0 went
     4.03 -> 10.80 (= ln V: uniform logits) and stayed there; that is above the bound."""
     logs = glob.glob(str(runs.REPO / "benchmarks" / "sweep_fair" / "*" / "runs" / "*" / "train.log"))
@@ -98,7 +99,9 @@ def test_the_bound_is_far_above_the_built_in_defaults_healthy_losses_and_below_i
     vocab, first_step = 49152, 4.033
     bound = faults.divergence_bound(vocab, first_step)
     assert bound == pytest.approx(math.log(vocab / 2)) and bound == pytest.approx(10.11, abs=0.01)
-    assert max(logged + firsts) < bound / 3, max(logged + firsts)
+    assert max(logged + firsts) < bound / 2, max(logged + firsts)
+    grid = [loss for path in logs if "-lr0.01-" not in path for loss in _losses(open(path).read())]
+    assert len(grid) >= 400 and max(grid) < bound / 3, max(grid)
     assert math.log(vocab) > bound  # the collapse measured at lr 1e6
     # an untrained model starts at about ln V: then twice its first loss is the bound
     assert faults.divergence_bound(512, 6.256) == pytest.approx(12.512)
@@ -120,8 +123,12 @@ def _builtin_command(out, *extra) -> list[str]:
 @slow
 def test_the_built_in_defaults_first_steps_stay_far_below_the_bound(tmp_path):
     """The built-in default run as `asymllm train` starts it (lr 1e-3, 5 warmup steps), its
-    first 6 steps: the bound stated is ln(V/2) = 10.11 and no step comes near it."""
-    result = runs.launch([_builtin_command(tmp_path / "out", "--max_steps", "6")], tmp_path, what="built-in default")
+    first 6 steps: the bound stated is ln(V/2) = 10.11 and no step comes near it. (The built-in
+    data named as --dataset: the same examples, without the held-out evaluation at the end.)"""
+    from asymllm.data import BUILTIN_DATASET
+
+    command = _builtin_command(tmp_path / "out", "--max_steps", "6", "--dataset", BUILTIN_DATASET)
+    result = runs.launch([command], tmp_path, what="built-in default")
     assert ("divergence bound: a finite loss above 10.11 = ln(V/2) for a vocabulary of V = 49,152 (within one bit of a "
             "uniform guess, ln V = 10.8)") in result.log
     losses = _losses(result.log)
