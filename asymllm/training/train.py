@@ -216,7 +216,9 @@ def choose_attention(requested: str | None) -> str:
             logger.info("attention: flash_attention_2 (flash-attn %s on CUDA)", flash_attn.__version__)
             return "flash_attention_2"
         except ImportError:
-            logger.info("attention: sdpa (flash-attn not installed: pip install 'asymllm[gpu]' for flash_attention_2)")
+            logger.info("attention: sdpa (flash-attn not installed: pip install 'asymllm[gpu]' --no-build-isolation for "
+                        "flash_attention_2; sdpa runs torch's own FlashAttention kernel for bf16/fp16, but packed rows need "
+                        "a block mask there, which only flash-attn's varlen kernel does without)")
             return "sdpa"
     logger.info("attention: sdpa (no CUDA; flash-attn needs a GPU)")
     return "sdpa"
