@@ -33,7 +33,6 @@ from ..data import BUILTIN_HELDOUT
 from ..fingerprint import adapter_fingerprint, fingerprint_changes
 from ..training.checkpoints import EXIT_STALE_CHECKPOINT
 from ..training.faults import DIVERGED_FILE, EXIT_DIVERGED
-from .flags import files_sha256
 
 logger = logging.getLogger("asymllm.sweep")
 # A result.json of the same settings whose adapter is gone: pruned for disk, or a sweep resumed
@@ -208,10 +207,8 @@ def cell_settings(spec: RunSpec, phase: Phase, args) -> dict:
                 "train_flags": [relative(f) for f in phase.train_flags], "data_sha256": phase.data_sha256,
                 "eval": {"alpaca": phase.alpaca, "data": eval_data and relative(eval_data),
                          "eval_flags": args.eval_flags, "mmlu": args.mmlu}}
-    files = files_sha256({"config": args.config, "dataset": args.given.get("dataset"),
-                          "eval_dataset": args.given.get("eval_dataset")})
-    if files:  # their content, not their path: an edited file is another setting
-        settings["files_sha256"] = files
+    if args.files_sha256:  # their content, not their path: an edited file is another setting
+        settings["files_sha256"] = args.files_sha256
     return settings
 
 

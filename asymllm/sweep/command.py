@@ -13,7 +13,8 @@ from ..cli_args import ArgumentParser
 from ..data import load_examples, split_heldout
 from .cells import Phase, RunSpec, numbers, plan, run_cells
 from .compare import SELECT_METRICS, grid_edges, next_rate, select_learning_rates, tried_rates
-from .flags import TrainingData, check_eval_flags, file_sha256, given_training_settings, jsonl_line, training_data
+from .flags import (TrainingData, check_eval_flags, config_file_settings, file_sha256, files_sha256, given_training_settings,
+                    jsonl_line, training_data)
 from .report import write_all
 
 logger = logging.getLogger("asymllm.sweep")
@@ -67,7 +68,9 @@ def parse_args(argv):
     args.train_flags = [f for f in args.train_flags if f != "--"]
     args.eval_flag_list = check_eval_flags(args.eval_flags)
     args.given_flags = given_training_settings(args.train_flags)
-    args.given = given_training_settings(args.train_flags, args.config)
+    args.given = {**config_file_settings(args.config), **args.given_flags}  # the flags win, as in `asymllm train`
+    args.files_sha256 = files_sha256({"config": args.config, "dataset": args.given.get("dataset"),
+                                      "eval_dataset": args.given.get("eval_dataset")})  # once, not per cell
     check_flags(parser, args)
     args.reference = Recipe.parse(args.reference).name  # results carry canonical names
     return args

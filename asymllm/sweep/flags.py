@@ -13,7 +13,6 @@ wrong one for a sweep on the user's data.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 from ..cli_args import closest
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT
+from ..fingerprint import file_record
 
 # Evaluation flags that choose what is scored: the sweep sets them (per phase), never the user.
 SCORED_DATA_FLAGS = {"--data": "--eval_dataset FILE (or --eval_fraction F) among the training flags after --",
@@ -34,12 +34,11 @@ class SweepFlagError(SystemExit):
         super().__init__(f"asymllm sweep: {message}")
 
 
-def given_training_settings(train_flags: list[str], config: str | None = None) -> dict:
-    """name -> value of every training setting that the flags or the --config YAML set (the
-    flags win, as in `asymllm train`), typed as `asymllm train` types them."""
+def given_training_settings(train_flags: list[str]) -> dict:
+    """name -> value of every training setting the flags set, typed as `asymllm train` types them."""
     from trl import TrlParser
 
-    from ..training.config import AdapterArguments, ConfigError, DataArguments, ModelArguments, RunConfig, read_yaml_config
+    from ..training.config import AdapterArguments, DataArguments, ModelArguments, RunConfig
 
     if "--config" in train_flags or any(f.startswith("--config=") for f in train_flags):
         raise SweepFlagError("give the run configuration as the sweep's own --config FILE (before --), not among the "
@@ -54,11 +53,17 @@ def given_training_settings(train_flags: list[str], config: str | None = None) -
         hints = [f"{u} -> {match}" for u in unknown if (match := closest(u, known))]
         raise SweepFlagError(f"unknown training flag{'s' if len(unknown) > 1 else ''} after --: {' '.join(unknown)}"
                              + (f" (did you mean: {', '.join(hints)}?)" if hints else " (asymllm train --help lists them)"))
+    return vars(given)
+
+
+def config_file_settings(config: str | None) -> dict:
+    """The --config YAML's settings, checked as `asymllm train` checks them ({} without one)."""
+    from ..training.config import ConfigError, read_yaml_config
+
     try:
-        from_file = read_yaml_config(["--config", config]) if config else {}
+        return read_yaml_config(["--config", config]) if config else {}
     except ConfigError as error:
         raise SweepFlagError(str(error)) from None
-    return {**from_file, **vars(given)}
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,7 @@ def check_eval_flags(eval_flags: str) -> list[str]:
 
 def file_sha256(path: str | None) -> str | None:
     """The sha256 of a local file's bytes; None for a hub name, a folder or nothing."""
-    if not path or not os.path.isfile(path):
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_record(path)["sha256"] if path and os.path.isfile(path) else None
 
 
 def files_sha256(paths: dict[str, str | None]) -> dict[str, str]:
