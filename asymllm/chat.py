@@ -39,6 +39,7 @@ def parse_args(argv):
     parser.add_argument("--model", help="base or merged model folder or hub name (default: the adapter's base, else built-in)")
     parser.add_argument("--prompt", help="answer this one prompt and exit (- reads it from standard input, without "
                                           "the one newline that ends it; other whitespace is kept)")
+    parser.add_argument("--chat_template", help="chat template for a model without one saved beside its adapter: chatml, llama3, llama2, mistral, alpaca, tokenizer or a Jinja file (default: as training chooses; an adapter's own is always used)")
     parser.add_argument("--system", default="", help="system prompt")
     parser.add_argument("--max_new_tokens", type=int, default=256, help="(%(default)s)")
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
@@ -56,7 +57,8 @@ def main(argv=None) -> None:
                                   top_p=args.top_p, seed=args.seed, batch_size=1)
     try:
         settings.validate()
-        model, tokenizer, _ = load_for_eval(model=args.model, adapter=args.adapter, dtype=args.dtype)
+        model, tokenizer, _ = load_for_eval(model=args.model, adapter=args.adapter, dtype=args.dtype,
+                                         chat_template=args.chat_template)
         prepare_tokenizer(tokenizer)
     except (EvalModelError, GenerationError, OSError) as error:
         raise SystemExit(f"asymllm chat: error: {error}") from None

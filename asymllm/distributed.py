@@ -3,7 +3,7 @@ SFTConfig exists. With CUDA nothing is done: accelerate picks NCCL as usual.
 
 Why it is needed on CPU: transformers builds accelerate's state with no backend there, so
 - under DeepSpeed every launcher fails with `train_batch_size is not equal to
-  micro_batch_per_gpu * gradient_acc_step * world_size` (measured, NOTES-CPU-OFFLINE.md);
+  micro_batch_per_gpu * gradient_acc_step * world_size` (measured: docs/cpu.md; docs/design.md, trap 13);
 - plain data parallel (torchrun, `accelerate launch --multi_gpu`, the deepspeed launcher
   without `--deepspeed`) would run each rank as an unconnected single process.
 

@@ -44,7 +44,8 @@ def git_commit() -> str | None:
 
 
 def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
-                     resumed_from: str | None = None, training_settings: dict | None = None) -> str | None:
+                     resumed_from: str | None = None, training_settings: dict | None = None,
+                     chat_template: dict | None = None) -> str | None:
     """asymllm_run.json: everything needed to know what ran (rank 0 writes). A resumed run
     keeps the earlier invocations' commands, commits and versions under earlier_invocations."""
     if int(os.environ.get("RANK", "0")) != 0:
@@ -66,6 +67,8 @@ def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config
     }
     if training_settings is not None:
         record["training_settings"] = training_settings
+    if chat_template is not None:  # the template the data was rendered with; the adapter folder's tokenizer carries it
+        record["chat_template"] = chat_template
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, RUN_RECORD)
     if resumed_from:  # keep how the first part was started, not only the resume
@@ -133,7 +136,7 @@ COMPARED_FLAGS = (
     "recipe", "lora_r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
     "model", "dataset", "dataset_split", "eval_dataset", "eval_split", "eval_fraction", "max_length", "truncation_mode",
     "packing", "packing_strategy", "padding_free", "pad_to_multiple_of", "completion_only_loss", "assistant_only_loss",
-    "dataset_text_field", "dataset_kwargs", "chat_template_path", "eos_token", "pad_token", "label_names", "model_init_kwargs",
+    "dataset_text_field", "dataset_kwargs", "chat_template", "chat_template_path", "train_on_inputs", "eos_token", "pad_token", "label_names", "model_init_kwargs",
     "seed", "data_seed", "shuffle_dataset", "train_sampling_strategy", "length_column_name", "dataloader_drop_last",
     "dataloader_in_order", "ignore_data_skip",
     "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "auto_find_batch_size",
@@ -184,7 +187,7 @@ def training_settings(adapter_args, model_args, data_args, sft_config, recipe, m
     source, eval_source = sources
     special = {"recipe": recipe.name, "model": model_identity(model_path), "dataset": data_identity(source),
                "eval_dataset": data_identity(eval_source) if eval_source else None,
-               "deepspeed": config_identity(sft_config.deepspeed)}
+               "deepspeed": config_identity(sft_config.deepspeed), "chat_template": template_identity(data_args.chat_template)}
     # target_modules: None (the default set) and the same set listed differ as flags, not as adapters
     names = sorted(set(values) - set(IGNORED_FLAGS) - {"target_modules"})
     settings = {f"--{name}": special.get(name, values[name]) for name in names}
@@ -226,6 +229,15 @@ def data_identity(source: str) -> dict:
                  for root, _, names in os.walk(path) for name in names if not name.startswith(".")}
         return {"path": path, "sha256": _digest(files)}
     return {"path": path, "sha256": None}
+
+
+def template_identity(value: str | None) -> dict | None:
+    """--chat_template by what it renders: a name or a Jinja file by the sha256 of its text (the
+    tokenizer's own template is part of the model's identity, its tokenizer files)."""
+    from .chat_templates import requested_text
+
+    text = requested_text(value)
+    return None if value is None else {"value": value, "sha256": hashlib.sha256(text.encode()).hexdigest() if text else None}
 
 
 def config_identity(config) -> dict | None:

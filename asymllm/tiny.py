@@ -1,4 +1,4 @@
-"""Tiny Llama/Mistral models built from configs (random weights), a tiny byte-level BPE
+"""Tiny Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 and Phi-3 models built from configs (random weights), a tiny byte-level BPE
 tokenizer trained in-process, and both saved as a normal transformers folder: for tests,
 demos and benchmarks on machines without a model hub.
 
@@ -13,12 +13,19 @@ import os
 import random
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, MistralConfig, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GenerationConfig, LlamaConfig, MistralConfig,
+                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
-CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig}
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config,
+           "gemma2": Gemma2Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config}
+# Each family's own layout kept where it matters: Qwen2's q/k/v biases (its config default),
+# Phi-3's fused qkv_proj and gate_up_proj; ids a config defaults past a tiny vocabulary cleared.
+FAMILY_KWARGS = {"phi3": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
+                 "gemma2": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None},
+                 "gemma3": {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}}
 
 # Ids 0, 1, 2 in this order, as in SmolLM2's vocabulary. pad is deliberately not eos
-# (DESIGN.md trap 8: a pad == eos tokenizer masks eos out of the loss).
+# (docs/design.md, trap 8: a pad == eos tokenizer masks eos out of the loss).
 PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
 
@@ -40,14 +47,16 @@ def tiny_config(arch: str = "llama", vocab_size: int = 256, hidden_size: int = 6
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_positions, tie_word_embeddings=tie_word_embeddings,
-        **({"head_dim": head_dim} if head_dim else {}),
+        **({"head_dim": head_dim} if head_dim else {}), **FAMILY_KWARGS.get(arch, {}),
     )
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, **config_kwargs) -> torch.nn.Module:
     """A randomly initialised causal LM, identical for identical arguments."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs), attn_implementation="sdpa")
+    config = tiny_config(arch, **config_kwargs)
+    attn = "eager" if arch == "gemma2" else "sdpa"  # Gemma 2 has no sdpa path (soft-capped attention logits)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.float().eval()
 
 

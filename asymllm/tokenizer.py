@@ -1,5 +1,5 @@
-"""A tokenizer ready for chat, the same way in training, evaluation and export: a chat
-template when it has none, a pad token from its own vocabulary (never a new token); and the
+"""A tokenizer ready for chat, the same way in training, evaluation and export: the chat
+template chosen for it (asymllm.chat_templates), a pad token from its own vocabulary (never a new token); and the
 chat template cut into what it writes around each message (`chat_turns`), from which the
 token that ends an assistant turn (`end_token_ids`: every token a reply may end with) and
 whether the template itself writes BOS are read.
@@ -11,19 +11,13 @@ whether the template itself writes BOS are read.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from .chat_templates import TOKENIZER, ChatTemplateError, choose_chat_template, requested_text
 from .data import DataError
 
-# ChatML with the tokenizer's EOS closing every turn: for tokenizers whose EOS is
-# <|im_end|> this is exactly ChatML; for others (e.g. "</s>") assistant turns still end
-# with EOS, so the tuned model stops where generation expects it to.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+logger = logging.getLogger(__name__)
 
 # Tokens that exist in common vocabularies for padding (or are never part of chat data),
 # in order of preference; when none is distinct from EOS, EOS itself pads (see ensure_pad_token).
@@ -37,7 +31,7 @@ def ensure_pad_token(tokenizer) -> str:
     first padded batch) unless they were resized, which also changes what gets saved.
 
     A token distinct from EOS is preferred (collators that mask padding *by id* would mask
-    every EOS too, and the tuned model would never learn to stop: trap 8). When the
+    every EOS too, and the tuned model would never learn to stop: docs/design.md, trap 8). When the
     vocabulary has none (GPT-2 style: bos = eos = unk), EOS pads, and that is safe here:
     our dataset carries its own `labels` column, and TRL's DataCollatorForLanguageModeling
     (what SFTTrainer uses for it) takes those labels as they are and pads them with -100 *by
@@ -66,19 +60,35 @@ def ensure_pad_token(tokenizer) -> str:
     )
 
 
-def ensure_chat_template(tokenizer) -> str:
-    """Keep the tokenizer's chat template, or install DEFAULT_CHAT_TEMPLATE; returns what it did."""
-    if tokenizer.chat_template:
-        return "chat template: kept the tokenizer's own"
+def ensure_chat_template(tokenizer, requested: str | None = None, flag: str = "--chat_template") -> str:
+    """Install the chat template `requested` names (asymllm.chat_templates: a name or a Jinja file;
+    None: the tokenizer's own, or for a tokenizer without one the default chosen for its vocabulary).
+    Returns the log line saying which and why; a marker that is not one token is warned about."""
     if tokenizer.eos_token is None:
-        raise DataError(
-            "the tokenizer has neither a chat template nor an EOS token; give it one (tokenizer.eos_token = ...)"
-        )
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    return (
-        f"chat template: the tokenizer has none; installed the default ChatML-style one "
-        f"(every turn ends with {tokenizer.eos_token!r})"
-    )
+        raise DataError("the tokenizer has no EOS token; give it one (tokenizer.eos_token = ...)")
+    try:
+        choice = choose_chat_template(tokenizer, requested, flag)
+    except ChatTemplateError as error:
+        raise DataError(str(error)) from None
+    tokenizer.chat_template = choice.text
+    for warning in choice.warnings:
+        logger.warning(warning)
+    return choice.line()
+
+
+def use_trained_chat_template(tokenizer, requested: str | None, saved_by_training: bool,
+                              flag: str = "--chat_template") -> str:
+    """For eval, chat and export: a tokenizer saved beside the adapter carries the template the run
+    trained with, and that one is used; a --chat_template that renders otherwise is refused (it
+    would score or serve the model in a format it never saw). Any other tokenizer (a base model, an
+    adapter saved without one) gets `requested` as training would have chosen it."""
+    if saved_by_training and requested is not None:
+        wanted = tokenizer.chat_template if requested == TOKENIZER else requested_text(requested)
+        if wanted != tokenizer.chat_template:
+            raise DataError(f"{flag} {requested}: the adapter was trained with another chat template (the one saved "
+                            f"beside it, in its tokenizer files); leave {flag} out to use that one")
+    line = ensure_chat_template(tokenizer, None if saved_by_training else requested, flag)
+    return line.replace("(the tokenizer's own)", "(saved with the adapter: the one it trained with)") if saved_by_training else line
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,10 +9,14 @@ import math
 import pytest
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from asymllm.tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_pad_token
+from asymllm.tokenizer import ensure_pad_token
 from asymllm.training.tokenize import IGNORE_INDEX, tokenize_examples
 from asymllm.data import DataError, Example
 from asymllm.tiny import tiny_causal_lm, tiny_corpus, tiny_tokenizer
+
+# ChatML's layout with the tokenizer's EOS ending every turn: a GPT-2-like vocabulary has no <|im_end|>
+EOS_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token + '\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 GPT2_EOS = "<|endoftext|>"  # GPT-2's only special token: BOS, EOS and UNK at once
 
@@ -29,7 +33,7 @@ def gpt2_like_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(tiny_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=GPT2_EOS, eos_token=GPT2_EOS, unk_token=GPT2_EOS,
-                                   chat_template=DEFAULT_CHAT_TEMPLATE, clean_up_tokenization_spaces=False,
+                                   chat_template=EOS_CHATML, clean_up_tokenization_spaces=False,
                                    model_max_length=512)
 
 

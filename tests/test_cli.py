@@ -102,10 +102,10 @@ def test_readme_names_every_recipe_alias():
 
     from asymllm.adapters.recipe import ALIASES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    recipes_section = " ".join(readme.split("\n## Recipes\n", 1)[1].split("\n## ", 1)[0].split())  # unwrapped
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text()
+    recipes_section = " ".join(readme.split("\n## Recipe names\n", 1)[1].split("\n## ", 1)[0].split())  # unwrapped
     missing = [alias for alias, name in ALIASES.items() if f"`{alias}` = `{name}`" not in recipes_section]
-    assert not missing, f"README's Recipes section does not name the aliases {missing}"
+    assert not missing, f"docs/recipes.md's 'Recipe names' section does not name the aliases {missing}"
 
 
 def test_pyproject_license_raises_no_setuptools_warning():

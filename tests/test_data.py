@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from asymllm.data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, Example, load_examples, split_heldout
-from asymllm.tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_chat_template, ensure_pad_token
+from asymllm.chat_templates import TEMPLATES
+from asymllm.tokenizer import ensure_chat_template, ensure_pad_token
 from asymllm.training.tokenize import IGNORE_INDEX, tokenize_examples
 
 REPO = Path(__file__).resolve().parent.parent
@@ -383,26 +384,26 @@ def test_truncation_counted_and_fully_cut_responses_skipped(tokenizer):
 
 
 def test_pad_token_distinct_from_eos(tokenizer):
-    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the converted SmolLM2 ships pad == EOS (trap 8)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the converted SmolLM2 ships pad == EOS (docs/design.md, trap 8)
     message = ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     assert "<|endoftext|>" in message and len(tokenizer) == 49152  # no token added
     assert "kept" in ensure_pad_token(tokenizer)
 
 
-def test_default_template_installed_and_ends_assistant_turns_with_eos(tokenizer):
+def test_a_base_whose_vocabulary_has_chatml_tokens_gets_chatml_ending_turns_with_im_end(tokenizer):
     tokenizer.chat_template = None
-    tokenizer.eos_token = "<|endoftext|>"  # a base model's EOS, to see the template use it
-    assert "installed" in ensure_chat_template(tokenizer)
-    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE
+    tokenizer.eos_token = "<|endoftext|>"  # a base model's EOS: turns still end with <|im_end|>, the turn-end token
+    assert "chatml, as its vocabulary has <|im_start|>, <|im_end|> as tokens" in ensure_chat_template(tokenizer)
+    assert tokenizer.chat_template == TEMPLATES["chatml"]
     dataset, _ = tokenize_examples([example("q1", "a1", "q2", "a2")], tokenizer, max_length=None)
-    assert loss_spans(tokenizer, dataset[0]) == ["a1<|endoftext|>", "a2<|endoftext|>"]
-    assert "kept" in ensure_chat_template(tokenizer)
+    assert loss_spans(tokenizer, dataset[0]) == ["a1<|im_end|>", "a2<|im_end|>"]
+    assert ensure_chat_template(tokenizer) == "chat template: tokenizer (the tokenizer's own)"
 
 
 def test_template_that_tokenises_differently_in_context_falls_back_to_offsets(tokenizer):
     # The generation prompt ends in a space, which merges with the response's first word
-    # in context (" Hello"), so the prompt's ids are not a prefix of the whole (trap 9).
+    # in context (" Hello"), so the prompt's ids are not a prefix of the whole (docs/design.md, trap 9).
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}"
         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
@@ -415,7 +416,7 @@ def test_template_that_tokenises_differently_in_context_falls_back_to_offsets(to
 
 def test_template_without_eos_or_unstable_prefix_is_an_error(tokenizer):
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-    with pytest.raises(DataError, match="test:1: assistant turn 1 does not end with the EOS token"):
+    with pytest.raises(DataError, match="test:1: assistant turn 1 does not end with a token that ends a reply \\('<\\|im_end\\|>'\\)"):
         tokenize_examples([example("Hi", "Hello")], tokenizer, max_length=None)
     tokenizer.chat_template = (
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}"

@@ -1,6 +1,6 @@
 """The ollama Modelfile of `asymllm export --format gguf`: its TEMPLATE and stop tokens come from
-the chat template the run trained with (asymllm's default one for a base without a template:
-turns end with EOS, not ChatML's <|im_end|>), the GGUF's add_bos_token says whether training saw
+the chat template the run trained with (for a base without a template, the one chosen for its
+vocabulary: alpaca for a sentencepiece base, its reply ending with EOS), the GGUF's add_bos_token says whether training saw
 a BOS, and the check after the export renders conversations through the Modelfile's own text and
 requires the token ids training and `asymllm chat` use; it fails on a template that differs.
 
@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from asymllm.export.command import ExportError, export
 from asymllm.tiny import save_tiny_model
-from asymllm.tokenizer import DEFAULT_CHAT_TEMPLATE
+from asymllm.chat_templates import TEMPLATES
 from test_export import make_adapter
 
 # SmolLM2-Instruct's template: a default system prompt when the conversation has none.
@@ -76,27 +76,29 @@ def default_template_run(tmp_path_factory):
 def test_a_base_without_a_chat_template_gets_the_modelfile_of_the_default_template(default_template_run, tmp_path):
     base, adapter = default_template_run
     trained = AutoTokenizer.from_pretrained(adapter)  # saved beside the adapter by the run
-    assert trained.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert trained.chat_template == TEMPLATES["alpaca"]  # a sentencepiece vocabulary has no ChatML or Llama 3 tokens
     result = export(adapter=adapter, output=str(tmp_path / "g"), format="gguf", gguf_type="f32")
     modelfile = (tmp_path / "g" / "Modelfile").read_text()
-    assert "<|im_end|>" not in modelfile
-    assert "{{ .Content }}</s>\n" in modelfile and "<|im_start|>assistant\n{{ end }}" in modelfile
+    assert "<|im_start|>" not in modelfile and "<|im_end|>" not in modelfile
+    assert "### Instruction:\n{{ .Content }}\n\n" in modelfile and "{{ .Content }}{{ if not $last }}</s>\n\n" in modelfile
     assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == ['PARAMETER stop "</s>"']
     assert "Modelfile TEMPLATE renders" in result.checked and "as the chat template does" in result.checked
     assert ("llama.cpp not installed here" in result.checked  # llama-cpp-python absent: said, not failed
             or "llama.cpp tokenizes them from the file to the same ids" in result.checked)
     reader = GGUFReader(gguf_file(tmp_path / "g"))
-    assert field(reader, "tokenizer.chat_template") == DEFAULT_CHAT_TEMPLATE
-    # training never saw a BOS: the default template writes none and the run tokenizes without special tokens
+    assert field(reader, "tokenizer.chat_template") == TEMPLATES["alpaca"]
+    # the template writes <s> first, as the sentencepiece base saw every document start; training saw it
     first = trained(trained.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False),
                     add_special_tokens=False)["input_ids"][0]
-    assert first != trained.bos_token_id and field(reader, "tokenizer.ggml.add_bos_token") is False
+    assert first == trained.bos_token_id and field(reader, "tokenizer.ggml.add_bos_token") is True
     from asymllm.export.ollama import render
 
     template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
-    assert render(template, messages) == trained.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # ollama writes BOS itself (add_bos_token), so the TEMPLATE leaves it out
+    assert trained.bos_token + render(template, messages) == trained.apply_chat_template(messages, tokenize=False,
+                                                                                        add_generation_prompt=True)
 
 
 CHATML_MODELFILE = '''# ollama create NAME -f Modelfile && ollama run NAME   (from this folder)
@@ -155,18 +157,18 @@ def test_a_default_system_prompt_is_written_when_the_conversation_has_none(tmp_p
 
 
 def test_the_check_fails_when_the_modelfile_template_is_not_the_chat_template(default_template_run):
-    """The Modelfile every export wrote before (ChatML's <|im_end|>) against the default template's </s>."""
+    """A ChatML Modelfile against the alpaca template the run trained with; a BOS the template writes, left out."""
     from asymllm.export.ollama import check_template, ollama_template
 
     _, adapter = default_template_run
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     good = ollama_template(tokenizer).template
-    check_template(good, tokenizer, add_bos=False)
+    check_template(good, tokenizer, add_bos=True)
     with pytest.raises(ExportError, match=r"verification FAILED: the Modelfile TEMPLATE renders .* differently from the "
                                           r"chat template the model was trained with: .* first difference at token"):
-        check_template(OLD_CHATML, tokenizer, add_bos=False)
-    with pytest.raises(ExportError, match=r"verification FAILED: .* BOS"):  # llama.cpp would prepend a BOS training never saw
-        check_template(good, tokenizer, add_bos=True)
+        check_template(OLD_CHATML, tokenizer, add_bos=True)
+    with pytest.raises(ExportError, match=r"verification FAILED: .* BOS"):  # training saw a BOS that llama.cpp would not give
+        check_template(good, tokenizer, add_bos=False)
 
 
 def test_a_template_that_cannot_be_translated_is_said_not_guessed(tmp_path, caplog):

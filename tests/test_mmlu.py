@@ -5,7 +5,7 @@ resume, the report, and 2 processes against 1 (slow).
 Tiny random Llamas and small synthetic MMLU files in every layout. Two tokenizers:
 - `mmlu_tok`: a byte-level BPE trained here on MMLU-shaped text, so " A".." D" are single
   tokens (the cached path runs) and "\\n\\n" merges to one token at the end of a string but
-  not before a word: the prefix-boundary trap of NOTES-CPU-OFFLINE.md is real for it;
+  not before a word: the prefix-boundary trap (docs/design.md, trap 14) is real for it;
 - asymllm.tiny's own tokenizer, where " C" and " D" are two tokens (the full path runs).
 """
 

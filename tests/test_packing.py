@@ -1,4 +1,4 @@
-"""Packed (padding-free) batches must keep examples apart: DESIGN.md trap 7.
+"""Packed (padding-free) batches must keep examples apart: docs/design.md, trap 7.
 
 The core test runs the batch TRL's collator really makes through a tiny model and
 compares each example's logits with the example run alone: it fails if attention crosses

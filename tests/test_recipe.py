@@ -1,4 +1,4 @@
-"""Recipe grammar and semantics (DESIGN.md section 2), including the original code's parser bug."""
+"""Recipe grammar and semantics (docs/recipes.md, "Exact semantics"), including the original code's parser bug."""
 
 import pytest
 
@@ -38,7 +38,7 @@ def test_every_valid_combination_parses_and_round_trips():
                     valid.add(name)
                     assert recipe.name == name
                     assert Recipe.from_update_rule(recipe.to_update_rule()) == recipe
-    # Counted by hand from DESIGN.md section 2, not by re-running the rules:
+    # Counted by hand from docs/recipes.md ("Exact semantics"), not by re-running the rules:
     #   both trained:  4 x 4 inits, less hA_zero_hB_zero (both zero)         = 15
     #   only A trained: B frozen, so B may not be zero: 4 x 3                 = 12
     #   only B trained: A frozen, so A may not be zero: 3 x 4                 = 12

@@ -6,7 +6,7 @@ Each interrupted run is the *same command twice*, `--resume_from_checkpoint auto
 the first time (with `--stop_after_steps 4`) the output folder is empty, so `auto` must
 say so and start from scratch; the second time it must continue from checkpoint-4.
 
-The ZeRO-3 trap (DESIGN.md trap 12): the DeepSpeed checkpoint the Trainer writes leaves
+The ZeRO-3 trap (docs/design.md, trap 12): the DeepSpeed checkpoint the Trainer writes leaves
 frozen parameters out (checked below on the files), so a frozen A comes back only because
 asymllm restores it. That is checked with an A that differs from the checkpoint's once the
 Trainer has loaded it (tests/dist/sft_probe.py perturbs it at train begin): the resumed run

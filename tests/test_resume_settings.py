@@ -114,6 +114,8 @@ def _refused_as_stale(argv, capsys) -> str:
     (("--eval_fraction", "0.25"), ["--eval_fraction: 0 in the checkpoint, 0.25 in this run"]),
     (("--data_seed", "3"), ["--data_seed: None in the checkpoint, 3 in this run"]),
     (("--lora_dropout", "0.1"), ["--lora_dropout: 0 in the checkpoint, 0.1 in this run"]),
+    (("--train_on_inputs", "true"), ["--train_on_inputs: False in the checkpoint, True in this run"]),
+    (("--chat_template", "alpaca"), ["--chat_template: None in the checkpoint, "]),
     (("--max_steps", "8", "--learning_rate", "5e-4"),  # every difference, in one line
      ["--max_steps: 4 in the checkpoint, 8 in this run", "--learning_rate: 0.001 in the checkpoint, 0.0005 in this run"]),
 ])

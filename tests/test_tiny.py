@@ -24,7 +24,7 @@ def test_vocab_size_and_special_tokens(tokenizer):
     assert len(tiny_tokenizer(300)) == 300
     assert (tokenizer.pad_token, tokenizer.eos_token, tokenizer.bos_token) == ("<|endoftext|>", "<|im_end|>", "<|im_start|>")
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
-    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # DESIGN.md trap 8
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id  # docs/design.md, trap 8
 
 
 @pytest.mark.parametrize("text", [

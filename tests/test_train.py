@@ -161,7 +161,8 @@ def test_overwrite_output_dir_starts_afresh_without_stale_checkpoints(tiny_model
 def test_python_api_cli_and_readme_share_one_set_of_adapter_defaults():
     api, cli = LoRASYMConfig(), AdapterArguments()
     assert (api.r, api.lora_alpha, api.lora_dropout) == (cli.lora_r, cli.lora_alpha, cli.lora_dropout)
-    row = next(line for line in README.read_text().splitlines() if line.startswith("| `--lora_r`, `--lora_alpha`"))
+    row = next(line for line in (README.parent / "docs" / "training.md").read_text().splitlines()
+               if line.startswith("| `--lora_r`, `--lora_alpha`"))
     documented = [float(value) for value in row.split("|")[2].split(",")]
     assert documented == [16, 32, 0] == [api.r, api.lora_alpha, api.lora_dropout]
 

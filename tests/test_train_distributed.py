@@ -183,6 +183,28 @@ def test_two_node_rendezvous_matches_one_node(two_nodes, zero3, reference_A):
     assert diff <= 1e-6, f"2 nodes x 1 rank vs 1 node x 2 ranks: max abs diff {diff:.3g}"
     for name in ("checkpoint-4", "checkpoint-8"):
         verify_adapter_dir(str(two_nodes.output_dir / name))
+    assert "writable and one folder for all 2 ranks" in two_nodes.launch.log
+    assert not [name for name in os.listdir(two_nodes.output_dir) if name.startswith(".asymllm-shared-")]  # markers removed
+
+
+@slow
+def test_two_nodes_whose_output_dir_is_not_one_folder_are_refused_before_the_model_loads(tmp_path, model_dir):
+    """Two nodes on one machine, each started in its own folder with a relative --output_dir: the same
+    flag names two folders, as a node-local disk at the same path does on a cluster."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    port = runs.free_port()
+    commands = [runs.torchrun_command("out", model_dir, nproc=1, port=port, node_args=("--nnodes", "2", "--node_rank", str(node)))
+                for node in (0, 1)]
+    for folder in nodes:
+        folder.mkdir()
+    result = runs.launch(commands, tmp_path, env=runs.base_env(ASYMLLM_SHARED_CHECK_SECONDS=1), expect_ok=False,
+                         what="torchrun 2 nodes, 2 output folders", cwds=nodes)
+    assert result.returncodes[0] != 0 and result.returncodes[1] != 0, result.log[-3000:]
+    assert re.search(r"asymllm train: error: rank \d: --output_dir out: not one folder for all 2 ranks: rank \d \(host .*\) "
+                     r"cannot see the files rank \d wrote there in 1 s\. .*every node sees", result.log), result.log[-3000:]
+    assert "model " + model_dir not in result.log  # refused before the model loaded
+    for folder in nodes:
+        assert os.listdir(folder / "out") == [], os.listdir(folder / "out")  # nothing trained, no marker left
 
 
 # ---- the deepspeed launcher, ZeRO-2

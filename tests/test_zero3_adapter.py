@@ -12,7 +12,7 @@ in this process:
   single-process value;
 - count_parameters sees the true counts where a plain numel() sum sees 0;
 - save_adapter under ZeRO-3 writes both factors of every module, none zero-size, with
-  A = the V init (a frozen factor kept, DESIGN.md trap 12) and the trained B.
+  A = the V init (a frozen factor kept, docs/design.md, trap 12) and the trained B.
 """
 
 from __future__ import annotations

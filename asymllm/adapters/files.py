@@ -1,7 +1,7 @@
 """Saving, checking and reloading LoRASYM adapters, ZeRO-3 included.
 
 A save is only trusted after it is read back: every adapted module must have both its
-A and its B (a frozen factor is exactly what ZeRO-3 saves tend to drop, DESIGN.md
+A and its B (a frozen factor is exactly what ZeRO-3 saves tend to drop, docs/design.md,
 trap 12) and no tensor may be zero-size (trap 1).
 """
 

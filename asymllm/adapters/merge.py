@@ -15,7 +15,7 @@ class MergeError(RuntimeError):
 def merge_lorasym(model: PeftModel) -> torch.nn.Module:
     """Fold every adapter into its base weight and return the plain base model.
 
-    Refused under ZeRO-3 (the local weights are empty partitions, DESIGN.md trap 2):
+    Refused under ZeRO-3 (the local weights are empty partitions, docs/design.md, trap 2):
     save the adapter and merge from the files with `asymllm export` instead.
     """
     if not isinstance(model, PeftModel):

@@ -22,12 +22,12 @@ from ..zero import broadcast_from_rank0, gathered, is_partitioned, true_shape
 from .init import init_factor, module_seed
 from .recipe import Recipe, RecipeError
 from .recipe_file import record_recipe_on_save
-from .targets import resolve_targets
+from .targets import fused_targets_note, resolve_targets
 
 logger = logging.getLogger(__name__)
 
 # The adapter defaults, stated once: LoRASYMConfig (the Python API) and `asymllm train`'s flags
-# (config.AdapterArguments) use these, and the README documents them.
+# (config.AdapterArguments) use these, and docs/training.md documents them.
 DEFAULT_LORA_R = 16
 DEFAULT_LORA_ALPHA = 32.0
 DEFAULT_LORA_DROPOUT = 0.0
@@ -78,9 +78,11 @@ def get_lorasym_model(model: torch.nn.Module, config: LoRASYMConfig, adapter_nam
     """
     recipe = config.resolved_recipe()
     targets = resolve_targets(model, config.target_modules)
+    if fused_targets_note(targets):
+        logger.info(fused_targets_note(targets))
     lora_config = config.to_lora_config(targets)
     # Under ZeRO-3, peft's upcast of adapters to fp32 next to a bf16 base breaks the first
-    # optimizer step (DESIGN.md trap 10); keep adapter dtype = base dtype there, as TRL does.
+    # optimizer step (docs/design.md, trap 10); keep adapter dtype = base dtype there, as TRL does.
     zero3 = any(is_partitioned(p) for p in model.parameters())
     peft_model = get_peft_model(model, lora_config, adapter_name=adapter_name, autocast_adapter_dtype=not zero3)
     apply_recipe(peft_model, recipe, seed=config.seed, adapter_name=adapter_name)

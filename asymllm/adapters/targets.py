@@ -7,28 +7,46 @@ import difflib
 import torch
 
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3's layout: q, k and v in one matrix, gate and up in another
+FUSED_LIKE = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+FUSED = {"qkv_proj": "q, k and v", "gate_up_proj": "gate and up"}
 
 # peft's name for "every linear layer but the output head"; resolved here to leaf names so
 # the log, adapter_config.json and the resume check all see the same explicit list.
 ALL_LINEAR = "all-linear"
 
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": LLAMA_LIKE,
-    "mistral": LLAMA_LIKE,
-}
+# The default is read from the model's own layer names, not from a list of model types: every
+# decoder whose projections are named like Llama's (Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3,
+# SmolLM2, ...) gets all seven, and Phi-3's fused layout its four.
+DEFAULT_LAYOUTS = (LLAMA_LIKE, FUSED_LIKE)
 
 
 class TargetError(ValueError):
     """Target modules that cannot be resolved for this model."""
 
 
-def default_targets(model_type: str) -> list[str]:
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
+def default_targets(model: torch.nn.Module) -> list[str]:
+    """The attention and MLP projections of every block, by the layer names the model has."""
+    available = set(linear_leaf_names(model))
+    for layout in DEFAULT_LAYOUTS:
+        if set(layout) <= available:
+            return list(layout)
     raise TargetError(
-        f"model type {model_type!r} has no default target modules (known: {', '.join(DEFAULT_TARGETS)}); "
-        "pass target_modules explicitly, e.g. target_modules=['q_proj', 'v_proj']"
+        f"this {_model_type(model)} model has no default target modules: its linear layers {sorted(available)} are named "
+        f"neither like Llama's ({', '.join(LLAMA_LIKE)}) nor like Phi-3's ({', '.join(FUSED_LIKE)}); pass "
+        f"--target_modules with the names to adapt, or --target_modules {ALL_LINEAR}"
     )
+
+
+def fused_targets_note(targets) -> str | None:
+    """What adapting a fused projection means, for the log (None when no target is fused)."""
+    fused = [name for name in targets if name in FUSED] if isinstance(targets, (list, tuple, set)) else []
+    if not fused:
+        return None
+    held = "; ".join(f"{name} holds {FUSED[name]}" for name in fused)
+    return (f"fused projections ({held}): one adapter per fused matrix, so rank r is shared by the projections it "
+            "holds; the V and U inits are the SVD of the whole fused matrix, and a frozen A is one r x d_in matrix "
+            "for all of them (their input is the same)")
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -71,7 +89,7 @@ def resolve_targets(model: torch.nn.Module, target_modules) -> list[str] | str:
     the model's linear layers so a typo is an error here, not an empty adapter;
     `all-linear` becomes the list of the transformer blocks' linear layers."""
     model_type = _model_type(model)
-    targets = target_modules if target_modules else default_targets(model_type)
+    targets = target_modules if target_modules else default_targets(model)
     if is_all_linear(targets):
         return all_linear_targets(model)
     if isinstance(targets, str):

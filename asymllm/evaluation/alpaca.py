@@ -66,6 +66,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--model", help=f"base model path or name (default: the adapter's base, else {DEFAULT_MODEL})")
     model.add_argument("--adapter", help="a LoRASYM adapter folder (e.g. RUN/adapter)")
     model.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+    model.add_argument("--chat_template", help="chat template for a model without one saved beside its adapter: chatml, llama3, llama2, mistral, alpaca, tokenizer or a Jinja file (default: as training chooses; an adapter's own is always used)")
     model.add_argument("--generator_name", help="the run's name in the outputs (default: from --adapter or --model)")
     data = parser.add_argument_group("instructions")
     data.add_argument("--data", help="alpaca_eval JSON or alpaca JSON/JSONL (default: the built-in held-out set)")
@@ -123,7 +124,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     # Bound to the files evaluated, not their paths: another adapter or model in the same
     # folder refuses the old generations (asymllm/fingerprint.py).
     fingerprints = evaluated_fingerprints(args.model, args.adapter)
-    log = ResumeLog(os.path.join(out_dir, "generations.jsonl"), {"dtype": args.dtype, **settings.resume_key()},
+    log = ResumeLog(os.path.join(out_dir, "generations.jsonl"), {"dtype": args.dtype, **settings.resume_key(),
+                                                                  **({"chat_template": args.chat_template} if args.chat_template else {})},
                     overwrite=args.overwrite, fingerprints=fingerprints)
     todo = [item for item in items if item.key not in log.done]
     description = generate_missing(args, todo, settings, log)
@@ -169,7 +171,7 @@ def generate_missing(args, todo, settings: GenerationSettings, log: ResumeLog) -
         return None
     from tqdm.auto import tqdm
 
-    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype)
+    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, chat_template=args.chat_template)
     with tqdm(total=len(todo), desc="generating", unit="output", disable=args.no_progress) as bar:
         for records in generate(model, tokenizer, todo, settings):
             log.append(records)

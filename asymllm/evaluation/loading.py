@@ -9,9 +9,12 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..attention import attention_for
 from ..adapters.files import adapter_base_model, load_lorasym_model
 from ..builtin import resolve_model
+from ..data import DataError
 from ..fingerprint import adapter_fingerprint, model_fingerprint
+from ..tokenizer import use_trained_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +24,22 @@ class EvalModelError(ValueError):
 
 
 def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: str = "auto",
-                  attn_implementation: str = "sdpa", device: str | None = None):
+                  attn_implementation: str = "sdpa", device: str | None = None, chat_template: str | None = None):
     """(model in eval mode, tokenizer, a short description). `model` defaults to the adapter's
-    recorded base, else the built-in default; `dtype` auto = bf16 on CUDA, fp32 on CPU."""
+    recorded base, else the built-in default; `dtype` auto = bf16 on CUDA, fp32 on CPU. The chat
+    template: the one saved with the adapter, else `chat_template` (asymllm.tokenizer.use_trained_chat_template)."""
     path = resolve_model(evaluated_model(model, adapter))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _dtype(dtype, device)
     tokenizer_source = adapter if adapter and os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    try:
+        logger.info(use_trained_chat_template(tokenizer, chat_template, saved_by_training=tokenizer_source == adapter))
+    except DataError as error:
+        raise EvalModelError(str(error)) from None
+    attn_implementation, note = attention_for(path, attn_implementation)
+    if note:
+        logger.info(note)
     network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     if adapter:
         network = load_lorasym_model(network, adapter)

@@ -49,7 +49,8 @@ from ..adapters.files import AdapterFileError
 from ..adapters.recipe import RecipeError
 from ..builtin import _make_readable
 from ..cli_args import ArgumentParser
-from ..tokenizer import ensure_chat_template
+from ..data import DataError
+from ..tokenizer import use_trained_chat_template
 from .common import DTYPE_NAMES, DTYPES, ExportError, write_text
 from .files import NO_TOKENIZER, choose_tokenizer, save_tokenizer, write_adapter_folder, write_config_files
 from .gguf_file import GGUF_TYPES, check_architecture, plan_tensors, write_gguf
@@ -80,6 +81,7 @@ class ExportArgs:
     format: str = "hf"                # hf: a transformers folder; gguf: one .gguf file (+ Modelfile, README.md)
     gguf_type: str = "f16"            # f16 | bf16 | f32 | q8_0
     gguf_pre_tokenizer: str | None = None  # llama.cpp pre-tokenizer name, when asymllm does not recognise it
+    chat_template: str | None = None  # for a tokenizer not saved with the adapter (a name or Jinja file); else the adapter's
 
 
 @dataclass
@@ -114,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> ExportArgs:
     parser.add_argument("--tokenizer", metavar="PATH|none",
                         help="folder to take the tokenizer from (default: the adapter's, else the base model's; a base "
                              f"without tokenizer files is refused), or '{NO_TOKENIZER}' to export without one")
+    parser.add_argument("--chat_template", help="chat template when the tokenizer is not the one saved with the adapter: "
+                        "chatml, llama3, llama2, mistral, alpaca, tokenizer or a Jinja file (default: as training "
+                        "chooses; the adapter's own is always used)")
     gguf = parser.add_argument_group("--format gguf: one file for llama.cpp and ollama")
     gguf.add_argument("--format", choices=["hf", "gguf"], default="hf",
                       help="hf: a transformers folder (default); gguf: the merged model as one .gguf file named after "
@@ -150,10 +155,10 @@ def main(argv: list[str] | None = None) -> ExportResult:
 def export(adapter: str, output: str, base: str | None = None, dtype: str | None = None,
            max_shard_size: str | int = "5GB", verify: bool = True, overwrite: bool = False,
            adapter_only: bool = False, tokenizer: str | None = None, format: str = "hf", gguf_type: str = "f16",
-           gguf_pre_tokenizer: str | None = None) -> ExportResult:
+           gguf_pre_tokenizer: str | None = None, chat_template: str | None = None) -> ExportResult:
     """Merge (or, with adapter_only, re-save) an adapter; see the module docstring for the steps."""
     if format == "gguf":
-        return export_gguf(adapter, output, base, gguf_type, verify, overwrite, tokenizer, gguf_pre_tokenizer)
+        return export_gguf(adapter, output, base, gguf_type, verify, overwrite, tokenizer, gguf_pre_tokenizer, chat_template)
     start = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -167,6 +172,8 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
     shipped_tokenizer = choose_tokenizer(  # an adapter folder needs no tokenizer; a merged model does
         tokenizer, [("--adapter folder", adapter_dir)] + ([] if adapter_only else [("base model folder", base_dir)]),
         base_ckpt.config.get("vocab_size") if base_ckpt else None, required=not adapter_only)
+    if shipped_tokenizer is not None:
+        logger.info(trained_template(shipped_tokenizer, chat_template, adapter_dir))
     # every refusal happens before this line
     if adapter_only:
         out_dtype = DTYPES[dtype] if dtype else None
@@ -199,7 +206,7 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
 
 
 def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, verify: bool, overwrite: bool,
-                tokenizer: str | None, pre_tokenizer: str | None) -> ExportResult:
+                tokenizer: str | None, pre_tokenizer: str | None, chat_template: str | None = None) -> ExportResult:
     """The merged model as one .gguf file in `output`, with an ollama Modelfile and a README.md;
     the same steps as the HF export: every refusal first, then write, verify, publish."""
     start = time.perf_counter()
@@ -217,7 +224,7 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
                           "without it (pass --tokenizer PATH, or leave it out to use the adapter's or the base's)")
     shipped = choose_tokenizer(tokenizer, [("--adapter folder", adapter_dir), ("base model folder", base_dir)],
                                base_ckpt.config.get("vocab_size"), required=True)
-    logger.info(ensure_chat_template(shipped))  # the template the run trained with: its own, or the one training installed
+    logger.info(trained_template(shipped, chat_template, adapter_dir))
     ollama = ollama_template(shipped)
     if ollama.template is None:
         logger.warning("ollama Modelfile: %s; it is written without a TEMPLATE", ollama.reason)
@@ -247,6 +254,16 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
     logger.info("wrote %s: %d tensors, %.3f GB, %s", file_name, len(tensors), total / 1e9, gguf_type)
     return ExportResult(output, gguf_type, [file_name, "Modelfile", "README.md"], total, len(plan.deltas),
                         source.description, None, checked, time.perf_counter() - start)
+
+
+def trained_template(tokenizer, chat_template: str | None, adapter_dir: str) -> str:
+    """The chat template the export ships: the one saved with the adapter by its training run, else
+    --chat_template (or training's default choice) on the base's or --tokenizer's tokenizer."""
+    saved = os.path.realpath(tokenizer.name_or_path) == os.path.realpath(adapter_dir)
+    try:
+        return use_trained_chat_template(tokenizer, chat_template, saved_by_training=saved)
+    except DataError as error:
+        raise ExportError(str(error)) from None
 
 
 def run_name(source) -> str:

@@ -7,7 +7,7 @@
                               parameters and their optimizer state
 
 `asymllm export` uses the adapter file when it is complete. When it is missing or incomplete
-(e.g. a run saved by plain transformers, whose ZeRO-3 save drops frozen parameters: DESIGN.md
+(e.g. a run saved by plain transformers, whose ZeRO-3 save drops frozen parameters: docs/design.md,
 trap 12), the adapter is rebuilt here from the shards alone:
 
 - trained factors: merged from the rank partitions by `deepspeed.utils.zero_to_fp32`, on CPU,

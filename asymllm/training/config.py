@@ -9,6 +9,7 @@ LoRA-sized learning rate). Flag values are checked by `check_run_flags` before a
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from trl import SFTConfig
 from ..adapters.model import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
 from ..adapters.recipe import Recipe, RecipeError
 from ..adapters.targets import ALL_LINEAR
+from ..chat_templates import ChatTemplateError, check_chat_template_flag
 from .precision import choose_cpu_autocast, cpu_bf16_units
 
 
@@ -53,6 +55,12 @@ class DataArguments:
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out file or hub name (default with the built-in data: its held-out part)"})
     eval_split: str = field(default="test", metadata={"help": "split of --eval_dataset to hold out (hub split, or key of a local JSON object keyed by split)"})
     eval_fraction: float = field(default=0.0, metadata={"help": "hold out this fraction of --dataset when no --eval_dataset is given"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "chatml, llama3, llama2, mistral, alpaca, tokenizer (the tokenizer's own) or a Jinja file (default: the "
+                "tokenizer's own; for a tokenizer without one, chatml or llama3 where its vocabulary has their turn "
+                "tokens, else alpaca); saved with the adapter, and used by eval, chat and export"})
+    train_on_inputs: bool = field(default=False, metadata={
+        "help": "loss on every token, the prompt too (default: on the responses and the token that ends each)"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "stop (after saving a checkpoint) at this step, as if interrupted; for resume drills"})
     # transformers 5 dropped TrainingArguments.overwrite_output_dir; asymllm keeps the flag users know.
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start a fresh run in an --output_dir that holds an earlier run's adapter/ or checkpoint-*, deleting those"})
@@ -160,8 +168,16 @@ def _suggest_flags(parser, argv: list[str]) -> str:
     return _did_you_mean(unknown, known)
 
 
+# Names users bring from older transformers/TRL, with what takes their place
+REMOVED = {"warmup_ratio": "transformers 5 removed warmup_ratio: warmup_steps below 1 is a fraction of the run "
+                           "(warmup_steps 0.03 = 3%)"}
+
+
 def _did_you_mean(unknown: list[str], known: list[str]) -> str:
     """' (did you mean: --lora_rr -> --lora_r?)': one wording for flags and YAML keys."""
+    removed = [REMOVED[name.lstrip("-")] for name in unknown if name.lstrip("-") in REMOVED]
+    if removed:
+        return f" ({'; '.join(removed)})"
     hints = [f"{name} -> {close[0]}" for name in unknown if (close := difflib.get_close_matches(name, known, n=1))]
     return f" (did you mean: {', '.join(hints)}?)" if hints else ""
 
@@ -223,6 +239,8 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
     _require(adapter_args.lora_dropout, "--lora_dropout", "a probability in [0, 1), e.g. 0 or 0.05",
              lambda v: _is_number(v) and 0 <= v < 1)
     adapter_args.target_modules = _check_target_modules(adapter_args.target_modules)
+    _check_chat_template(data_args, sft_config)
+    _check_trl_fields(sft_config)
     _require(sft_config.learning_rate, "--learning_rate", "a positive number (e.g. 1e-3 for adapters)",
              lambda v: _is_number(v) and v > 0)
     _require(sft_config.max_length, "--max_length", "a positive integer number of tokens (e.g. 512 or 2048)",
@@ -239,6 +257,73 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
         raise ConfigError(f"--max_bad_steps {sft_config.max_bad_steps} with --deepspeed needs --gradient_accumulation_steps 1 "
                           f"(got {sft_config.gradient_accumulation_steps}); raise --per_device_train_batch_size instead")
     return recipe
+
+
+# SFTConfig fields asymllm does itself, so TRL's would act on data asymllm has already tokenized
+# (or not at all): refused when set, with asymllm's way to the same thing.
+TAKEN_OVER = {
+    "dataset_text_field": "asymllm reads instruction data itself (alpaca, chat `messages`, prompt/completion and "
+                          "sharegpt layouts) and renders it through the chat template; there is no text column to name",
+    "fsdp": "asymllm shards with DeepSpeed (--deepspeed ds_configs/zero3.json; zero2.json, zero3_offload.json) or runs "
+            "plain DDP under torchrun; FSDP is not supported",
+    "fsdp_config": "asymllm shards with DeepSpeed (--deepspeed ds_configs/zero3.json) or runs plain DDP; FSDP is not supported",
+}
+# where the model loads: asymllm sets these from its own flags
+MODEL_INIT_OWN = {"dtype": "--bf16 / --fp16 (fp32 otherwise)", "torch_dtype": "--bf16 / --fp16 (fp32 otherwise)",
+                  "attn_implementation": "--attn_implementation", "quantization_config": "(not supported yet)"}
+
+
+def _check_trl_fields(sft_config) -> None:
+    defaults = {f.name: f.default for f in fields(SFTConfig)}
+    for name, why in TAKEN_OVER.items():
+        value = getattr(sft_config, name, None)
+        if value not in (defaults.get(name), None, "", []):
+            shown = "" if name.startswith("fsdp") else f" {value}"  # transformers has rewritten --fsdp's value by now
+            raise ConfigError(f"--{name}{shown}: {why}")
+    # loss on the replies only is what asymllm does; TRL's own masking would look for text asymllm has tokenized
+    if sft_config.completion_only_loss is False:
+        raise ConfigError("--completion_only_loss false: asymllm puts the loss on the replies by default; "
+                          "--train_on_inputs puts it on every token")
+    sft_config.assistant_only_loss, sft_config.completion_only_loss = False, None
+    if getattr(sft_config, "use_liger_kernel", False):
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("--use_liger_kernel: needs the liger-kernel package (pip install liger-kernel), whose "
+                              "Triton kernels run on NVIDIA GPUs only")
+    kwargs = sft_config.model_init_kwargs
+    if isinstance(kwargs, str):  # from the command line, a JSON object
+        try:
+            kwargs = json.loads(kwargs)
+        except ValueError:
+            raise ConfigError(f"--model_init_kwargs {kwargs}: must be a JSON object, e.g. '{{\"revision\": \"main\"}}'") from None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise ConfigError(f"--model_init_kwargs {kwargs}: must be a mapping of from_pretrained keyword arguments")
+    for key in kwargs or {}:
+        if key in MODEL_INIT_OWN:
+            raise ConfigError(f"--model_init_kwargs {key}: asymllm sets it from {MODEL_INIT_OWN[key]}; use that instead")
+    sft_config.model_init_kwargs = kwargs
+
+
+def _check_chat_template(data_args, sft_config) -> None:
+    """--chat_template names a template or a file. TRL's --chat_template_path, given a Jinja file, is
+    the same flag; TRL would install it only after asymllm had tokenized the data with another
+    template, so asymllm takes it here and TRL never sees it. A tokenizer folder there would have
+    TRL add its tokens and resize the embeddings, which a frozen base cannot learn: refused."""
+    path = getattr(sft_config, "chat_template_path", None)
+    if path is not None:
+        if data_args.chat_template is not None:
+            raise ConfigError(f"--chat_template {data_args.chat_template} and --chat_template_path {path}: give one "
+                              "(--chat_template takes a name or a Jinja file)")
+        if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
+            raise ConfigError(f"--chat_template_path {path}: asymllm takes a Jinja file (.jinja, .j2) here; copying another "
+                              "tokenizer's template adds its tokens to a frozen embedding that cannot learn them. Use "
+                              "--chat_template with a name (chatml, llama3, llama2, mistral, alpaca) or a Jinja file")
+        data_args.chat_template, sft_config.chat_template_path = path, None
+    try:
+        check_chat_template_flag(data_args.chat_template)
+    except ChatTemplateError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _require(value, flag: str, allowed: str, ok) -> None:

@@ -49,7 +49,7 @@ from .checkpoints import check_complete, last_good_checkpoint
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-EXIT_DIVERGED = 3  # documented in the README (exit codes); 1 is any other error
+EXIT_DIVERGED = 3  # documented in docs/distributed.md (exit codes); 1 is any other error
 DIVERGED_FILE = "asymllm_diverged.json"
 
 # The divergence bound. The loss is the mean of -ln p(the right token), so a model that guesses

@@ -1,4 +1,4 @@
-"""Is packed training exact with this attention implementation? (DESIGN.md trap 7)
+"""Is packed training exact with this attention implementation? (docs/design.md, trap 7)
 
 TRL's SFTTrainer with packing=True (strategy "bfd", the default) packs several examples
 into one row with no attention mask ("padding-free"); the collator emits, for examples of

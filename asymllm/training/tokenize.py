@@ -7,7 +7,7 @@
 
 Which tokens carry loss (`labels != -100`): for every assistant turn, its content and the
 template's tokens up to and including the EOS that ends the turn (`<|im_end|>` for ChatML),
-so the model learns to stop (trap 8). Nothing else: not the system or user turns, not the
+so the model learns to stop (docs/design.md, trap 8). Nothing else: not the system or user turns, not the
 `<|im_start|>assistant\\n` header, not the newline ChatML writes after `<|im_end|>` (never
 generated: decoding stops at EOS).
 
@@ -15,7 +15,7 @@ How the spans are found: the conversation is rendered once whole and, for each a
 turn i, twice more: `messages[:i]` with the generation prompt (where the response starts)
 and `messages[:i+1]` (where it ends). Both must be text prefixes of the whole rendering, and
 their token ids prefixes of the whole sequence's ids. When a template tokenises differently
-in context (trap 9; e.g. a generation prompt ending in a space that merges into the
+in context (docs/design.md, trap 9; e.g. a generation prompt ending in a space that merges into the
 response's first token), the span is taken from character offsets instead, and the report
 counts those examples. A template that is not prefix-stable as text, or that does not end
 assistant turns with the tokenizer's EOS token, is a `DataError` naming the example.
@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..data import DataError, Example
+from ..tokenizer import turn_end_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,12 @@ def _sample(sources: list[str], shown: int = 3) -> str:
     return ", ".join(sources[:shown]) + more
 
 
-def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None, truncation_mode: str = "keep_start"):
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None, truncation_mode: str = "keep_start",
+                      train_on_inputs: bool = False):
     """Token ids and labels of each example; returns (datasets.Dataset, TokenizeReport).
+
+    `train_on_inputs` (axolotl's flag): every token carries loss, the system and user turns and
+    the template's markers too; the responses are still located and checked to end a turn.
 
     Sequences longer than max_length keep their first max_length tokens ("keep_start") or
     their last ("keep_end", TRL's `slice(-max_length, None)`: the start of the prompt goes,
@@ -99,8 +104,11 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int | None
         raise DataError("the tokenizer has no EOS token, so no response could teach the model to stop")
     report = TokenizeReport(max_length=max_length, truncation_mode=truncation_mode)
     columns = {"input_ids": [], "labels": []}
+    ends = {tokenizer.eos_token_id, turn_end_token_id(tokenizer)} - {None}
     for example in examples:
-        ids, labels, used_offsets = encode_example(example, tokenizer)
+        ids, labels, used_offsets = encode_example(example, tokenizer, ends)
+        if train_on_inputs:
+            labels = list(ids)
         report.n_offset_fallback += used_offsets
         if max_length is not None and len(ids) > max_length:
             kept = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
@@ -128,8 +136,10 @@ def _cut_reason(max_length: int, truncation_mode: str) -> str:
     return f"every response token before the last max_length={max_length} tokens (--truncation_mode keep_end)"
 
 
-def encode_example(example: Example, tokenizer) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, whether character offsets were needed) of one conversation."""
+def encode_example(example: Example, tokenizer, ends: set[int] | None = None) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, whether character offsets were needed) of one conversation. `ends`: the
+    tokens that end an assistant turn (default: EOS, and the template's turn-end token)."""
+    ends = ends or {tokenizer.eos_token_id, turn_end_token_id(tokenizer)} - {None}
     text = _render(tokenizer, example.messages, example.source)
     ids = _encode(tokenizer, text)
     labels = [IGNORE_INDEX] * len(ids)
@@ -146,10 +156,10 @@ def encode_example(example: Example, tokenizer) -> tuple[list[int], list[int], b
                 f"does not depend on what follows"
             )
         span = _token_span(ids, _encode(tokenizer, start_text), _encode(tokenizer, end_text))
-        if span is None:  # trap 9: the boundary tokens merge differently in context
+        if span is None:  # docs/design.md, trap 9: the boundary tokens merge differently in context
             span = _offset_span(tokenizer, text, len(start_text), len(end_text), example.source)
             used_offsets = True
-        start, end = _through_last_eos(ids, span, tokenizer, example.source, i)
+        start, end = _through_last_end(ids, span, tokenizer, ends, example.source, i)
         labels[start:end] = ids[start:end]
     return ids, labels, used_offsets
 
@@ -190,15 +200,17 @@ def _offset_span(tokenizer, text: str, char_start: int, char_end: int, source: s
     return (inside[0], inside[-1] + 1) if inside else (0, 0)  # empty: the EOS check names the problem
 
 
-def _through_last_eos(ids: list[int], span: tuple[int, int], tokenizer, source: str, turn: int) -> tuple[int, int]:
-    """The span cut after its last EOS: the template's text after EOS (ChatML's newline) is never generated."""
+def _through_last_end(ids: list[int], span: tuple[int, int], tokenizer, ends: set[int], source: str,
+                      turn: int) -> tuple[int, int]:
+    """The span cut after its last end token (EOS, or the turn-end token such as Llama 3's <|eot_id|>
+    when EOS is another token): the template's text after it (ChatML's newline) is never generated."""
     start, end = span
-    eos = tokenizer.eos_token_id
     for j in range(end - 1, start - 1, -1):
-        if ids[j] == eos:
+        if ids[j] in ends:
             return start, j + 1
+    shown = ", ".join(repr(tokenizer.convert_ids_to_tokens(t)) for t in sorted(ends))
     raise DataError(
-        f"{source}: assistant turn {turn} does not end with the EOS token {tokenizer.eos_token!r} under this chat "
-        f"template, so the tuned model would never learn to stop; set tokenizer.eos_token to the token that ends "
-        f"assistant turns (e.g. '<|im_end|>' or '<|eot_id|>') or use a template that ends them with EOS"
+        f"{source}: assistant turn {turn} does not end with a token that ends a reply ({shown}) under this chat "
+        f"template, so the tuned model would never learn to stop; choose a template whose turns end in one of "
+        f"the tokenizer's tokens (--chat_template; alpaca ends replies with EOS), or set tokenizer.eos_token"
     )

@@ -11,6 +11,7 @@ then the adapter (its SVD inits gather the full weights).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from ..adapters.init import InitError
 from ..adapters.model import LoRASYMConfig, get_lorasym_model
 from ..adapters.recipe import Recipe, RecipeError, describe
 from ..adapters.targets import TargetError, is_all_linear
+from ..attention import AttentionError, choose_attention, model_attention  # noqa: F401 (choose_attention: a name tests use)
 from ..builtin import resolve_model
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, load_examples, split_heldout
 from ..distributed import bootstrap_cpu_distributed, finish_distributed, restart_store_warning
@@ -38,7 +40,7 @@ from .checkpoints import (EXIT_STALE_CHECKPOINT, INCOMPLETE_PREFIX, StaleCheckpo
 from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
 from .faults import Diverged, StepGuard, StopSignals, check_not_diverged_before, exit_diverged, exit_stopped_by_signal
 from .packing import PackingError, check_packing
-from .preflight import preflight
+from .preflight import check_push_to_hub, preflight
 from .report import plot_loss_curve, write_run_card
 from .tokenize import tokenize_examples
 from .trainer import LorasymSFTTrainer, RestoreFrozenFactors, StopAfterSteps, check_checkpoint_settings
@@ -51,7 +53,7 @@ class ModelLoadError(RuntimeError):
 
 
 # Mistakes a user can make in flags, files or data: one clear line, no traceback.
-USER_ERRORS = (RecipeError, DataError, TargetError, InitError, AdapterFileError, PackingError, ModelLoadError, ConfigError)
+USER_ERRORS = (AttentionError, RecipeError, DataError, TargetError, InitError, AdapterFileError, PackingError, ModelLoadError, ConfigError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,6 +83,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
         disable_library_progress_bars()
     sft_config.output_dir = sft_config.output_dir.format(recipe=recipe.name, lora_r=adapter_args.lora_r, seed=sft_config.seed)
     check_reporters(sft_config.report_to)
+    check_push_to_hub(sft_config.push_to_hub, sft_config.hub_model_id, sft_config.hub_token)
     check_not_diverged_before(sft_config.output_dir)  # a torchrun restart would diverge again
     # Before anything is loaded: a refusal should not cost a model load.
     resume = resolve_resume(sft_config.resume_from_checkpoint, sft_config.output_dir, data_args.overwrite_output_dir)
@@ -88,17 +91,18 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     settings = training_settings(adapter_args, model_args, data_args, sft_config, recipe, model_path, data_sources(data_args))
     if resume:
         check_checkpoint_settings(resume, run_settings(adapter_args, recipe, sft_config.seed), training=settings)
+    attn = model_attention(model_path, model_args.attn_implementation)  # an impossible --attn_implementation costs nothing
     earlier = [] if sft_config.resume_from_checkpoint else check_fresh_output_dir(sft_config.output_dir, data_args.overwrite_output_dir)
     preflight(sft_config.output_dir, model_path, adapter_args, recipe, agreed_settings(adapter_args, model_path, data_args,
                                                                                        sft_config, recipe, resume))
+    tokenizer = load_tokenizer(model_path, data_args.chat_template)  # a template it cannot take is refused here
     remove_earlier_run(sft_config.output_dir, earlier)  # check first, delete last: a refused run costs no earlier one
-    tokenizer = load_tokenizer(model_path)
     train_set, eval_set = load_data(data_args, tokenizer, sft_config)
-    attn = choose_attention(model_args.attn_implementation)
     if getattr(sft_config, "precision_note", ""):
         logger.info(sft_config.precision_note)
     logger.info(check_packing(sft_config.packing, attn, strategy=sft_config.packing_strategy, padding_free=sft_config.padding_free))
     model = load_model(model_path, sft_config, attn, tokenizer)
+    init_kwargs, sft_config.model_init_kwargs = sft_config.model_init_kwargs, None  # used; TRL, given a model, would warn
     model = get_lorasym_model(model, LoRASYMConfig(
         recipe=recipe, r=adapter_args.lora_r, lora_alpha=adapter_args.lora_alpha, lora_dropout=adapter_args.lora_dropout,
         target_modules=adapter_args.target_modules, use_rslora=adapter_args.use_rslora, seed=sft_config.seed))
@@ -115,12 +119,13 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     guard = StepGuard(signals, max_bad_steps=sft_config.max_bad_steps)
     trainer = LorasymSFTTrainer(model=model, args=sft_config, train_dataset=train_set, eval_dataset=eval_set,
                                 processing_class=tokenizer, guard=guard)
+    sft_config.model_init_kwargs = init_kwargs  # as given, for the run record
     if restore:  # added after the Trainer's own callbacks (and any a subclass adds), so it has the last word
         trainer.add_callback(restore)
     if data_args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
     write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
-                     resumed_from=resume, training_settings=settings)
+                     resumed_from=resume, training_settings=settings, chat_template=template_record(tokenizer))
     signals.install()  # from here a SIGTERM/SIGUSR1 means "checkpoint and exit", not "die now"
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -152,15 +157,22 @@ def check_reporters(report_to) -> None:
             raise ConfigError(f"--report_to {name}: the {modules[0]!r} package is not installed (pip install {modules[0]})")
 
 
-def load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str, chat_template: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"--model {model_path}: cannot load its tokenizer ({first})") from None
-    logger.info(ensure_chat_template(tokenizer))
+    tokenizer.asymllm_template_line = ensure_chat_template(tokenizer, chat_template)  # the run record says it too
+    logger.info(tokenizer.asymllm_template_line)
     logger.info(ensure_pad_token(tokenizer))
     return tokenizer
+
+
+def template_record(tokenizer) -> dict:
+    """The chat template this run renders its data with, as the run record keeps it."""
+    text = tokenizer.chat_template
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "chosen": getattr(tokenizer, "asymllm_template_line", None)}
 
 
 def data_sources(data_args) -> tuple[str, str | None]:
@@ -182,7 +194,8 @@ def load_data(data_args, tokenizer, sft_config):
     elif data_args.eval_fraction > 0:
         examples, held_out = split_heldout(examples, data_args.eval_fraction, seed=sft_config.seed)
         logger.info("held out %d of the examples (--eval_fraction %s)", len(held_out), data_args.eval_fraction)
-    cut = {"max_length": sft_config.max_length, "truncation_mode": sft_config.truncation_mode}
+    cut = {"max_length": sft_config.max_length, "truncation_mode": sft_config.truncation_mode,
+           "train_on_inputs": data_args.train_on_inputs}
     train_set, report = tokenize_examples(examples, tokenizer, **cut)
     logger.info("train tokens: %s", report.summary())
     eval_set = None
@@ -206,24 +219,6 @@ def check_heldout_is_not_training_data(data_args, source: str, eval_source: str)
                           "(default: test) or use --eval_fraction")
 
 
-def choose_attention(requested: str | None) -> str:
-    if requested:
-        return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            logger.info("attention: flash_attention_2 (flash-attn %s on CUDA)", flash_attn.__version__)
-            return "flash_attention_2"
-        except ImportError:
-            logger.info("attention: sdpa (flash-attn not installed: pip install 'asymllm[gpu]' --no-build-isolation for "
-                        "flash_attention_2; sdpa runs torch's own FlashAttention kernel for bf16/fp16, but packed rows need "
-                        "a block mask there, which only flash-attn's varlen kernel does without)")
-            return "sdpa"
-    logger.info("attention: sdpa (no CUDA; flash-attn needs a GPU)")
-    return "sdpa"
-
-
 def check_model_path(model_path: str) -> str:
     """A path-like --model that does not exist is a typo, not a hub name."""
     looks_local = model_path.startswith(("/", "./", "../", "~")) or os.path.sep + os.path.sep in model_path
@@ -234,9 +229,13 @@ def check_model_path(model_path: str) -> str:
 
 def load_model(model_path: str, sft_config, attn: str, tokenizer):
     dtype = torch.bfloat16 if sft_config.bf16 else (torch.float16 if sft_config.fp16 else torch.float32)
-    logger.info("model %s in %s, attention %s", model_path, str(dtype).removeprefix("torch."), attn)
+    init_kwargs = dict(sft_config.model_init_kwargs or {})  # --model_init_kwargs: what TRL would pass to from_pretrained
+    logger.info("model %s in %s, attention %s%s", model_path, str(dtype).removeprefix("torch."), attn,
+                f", from_pretrained({', '.join(f'{k}={v!r}' for k, v in init_kwargs.items())})" if init_kwargs else "")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn, **init_kwargs)
+    except TypeError as error:  # a keyword from_pretrained or the model class does not take
+        raise ModelLoadError(f"--model_init_kwargs {init_kwargs}: {error}") from None
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"--model {model_path}: cannot load ({first}); give a local folder or a hub name that is cached or reachable") from None

@@ -97,9 +97,11 @@ class Launch:
 
 
 def launch(commands: list[list[str]], log_dir: Path, env: dict | None = None, expect_ok: bool = True,
-           what: str = "launch") -> Launch:
+           what: str = "launch", cwds: list | None = None) -> Launch:
     """Start every command at once (a multi-node job needs all its nodes up), wait for all.
 
+    `cwds`: each command's working directory (default: the repository), e.g. two "nodes" whose
+    relative --output_dir names two different folders.
     Output goes to files (no pipe can fill up and stall a rank). On a timeout every process
     group started here is killed; on failure the test fails with each output's tail.
     """
@@ -110,7 +112,7 @@ def launch(commands: list[list[str]], log_dir: Path, env: dict | None = None, ex
     for i, command in enumerate(commands):
         path = log_dir / f"{what.replace(' ', '_')}.{i}.log"
         with open(path, "w") as out:
-            procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            procs.append(subprocess.Popen(command, cwd=cwds[i] if cwds else REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True))
         paths.append(path)
     timed_out = False
