@@ -34,7 +34,7 @@ echo "installing asymllm into .venv for a $device machine (first run takes a min
 [ -x .venv/bin/python ] || run "$PYTHON" -m venv .venv
 pip install -q --upgrade pip
 pip install -q "torch==${TORCH_VERSION}"   # on a GPU machine PyPI's default wheel is a CUDA build
-pip install -q -e ".[dev]"
+pip install -q -e ".[dev,qlora]"   # qlora: the tests train on 4-bit and 8-bit bases (bitsandbytes runs on CPUs)
 if [ "$device" = gpu ]; then
   # flash-attn builds against the torch just installed: no build isolation
   if ! pip install -q --no-build-isolation -e ".[gpu]"; then

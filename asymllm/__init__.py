@@ -7,8 +7,14 @@ this package, and must not pay for torch + peft (seconds) to print a table.
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+# bitsandbytes (the qlora extra), imported by peft, asks the hub for an optional CPU kernel on CPUs
+# with AVX512-bf16 and warns on every import when it cannot have it; its own CPU kernels run
+# instead, so the warning only alarms (a result of asymllm never depends on that kernel).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # public name -> the module that defines it
 _PUBLIC = {

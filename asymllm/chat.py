@@ -27,6 +27,7 @@ from transformers import TextStreamer
 
 from .evaluation.generation import GenerationError, GenerationSettings, encode_prompt, prepare_tokenizer
 from .evaluation.loading import EvalModelError, load_for_eval
+from .quantization import add_quantization_flags, quantization_from_args
 from .tokenizer import end_token_ids
 
 logger = logging.getLogger("asymllm.chat")
@@ -47,6 +48,7 @@ def parse_args(argv):
     parser.add_argument("--top_p", type=float, default=1.0, help="with --do_sample (%(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="with --do_sample (%(default)s)")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    add_quantization_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
     try:
         settings.validate()
         model, tokenizer, _ = load_for_eval(model=args.model, adapter=args.adapter, dtype=args.dtype,
-                                         chat_template=args.chat_template)
+                                         chat_template=args.chat_template, quantization=quantization_from_args(args))
         prepare_tokenizer(tokenizer)
     except (EvalModelError, GenerationError, OSError) as error:
         raise SystemExit(f"asymllm chat: error: {error}") from None

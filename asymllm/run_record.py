@@ -45,7 +45,7 @@ def git_commit() -> str | None:
 
 def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
                      resumed_from: str | None = None, training_settings: dict | None = None,
-                     chat_template: dict | None = None) -> str | None:
+                     chat_template: dict | None = None, quantization: dict | None = None) -> str | None:
     """asymllm_run.json: everything needed to know what ran (rank 0 writes). A resumed run
     keeps the earlier invocations' commands, commits and versions under earlier_invocations."""
     if int(os.environ.get("RANK", "0")) != 0:
@@ -67,6 +67,7 @@ def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config
     }
     if training_settings is not None:
         record["training_settings"] = training_settings
+    record["base_quantization"] = quantization  # None: the base trained in full precision
     if chat_template is not None:  # the template the data was rendered with; the adapter folder's tokenizer carries it
         record["chat_template"] = chat_template
     os.makedirs(output_dir, exist_ok=True)
@@ -107,7 +108,16 @@ def training_lines(run: dict | None) -> list[str]:
             f"- schedule: {steps}, learning rate {sft.get('learning_rate')}, global batch {batch}, "
             f"max length {sft.get('max_length')}, packing {sft.get('packing')}, {_plural(run.get('world_size', 1), 'process')}"
             + (f", DeepSpeed {os.path.basename(str(sft['deepspeed']))}" if sft.get("deepspeed") else ""),
-            f"- code: asymllm {run.get('versions', {}).get('asymllm')}, commit {run.get('git_commit')}"]
+            f"- code: asymllm {run.get('versions', {}).get('asymllm')}, commit {run.get('git_commit')}"] + _base_line(run)
+
+
+def _base_line(run: dict) -> list[str]:
+    quant = run.get("base_quantization")
+    if not quant:
+        return []
+    how = "8-bit (LLM.int8)" if quant.get("bits") == 8 else f"4-bit {quant.get('quant_type')}" + (
+        " with nested quantization" if quant.get("nested") else "")
+    return [f"- base: loaded in {how} by bitsandbytes during training (QLoRA), compute in {quant.get('compute_dtype', 'float16')}"]
 
 
 def _plural(n: int, word: str) -> str:
@@ -134,7 +144,8 @@ def read_json(path: str) -> dict | None:
 # and which checkpoint becomes the final adapter.
 COMPARED_FLAGS = (
     "recipe", "lora_r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
-    "model", "dataset", "dataset_split", "eval_dataset", "eval_split", "eval_fraction", "max_length", "truncation_mode",
+    "model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_storage", "dataset", "dataset_split", "eval_dataset", "eval_split", "eval_fraction", "max_length", "truncation_mode",
     "packing", "packing_strategy", "padding_free", "pad_to_multiple_of", "completion_only_loss", "assistant_only_loss",
     "dataset_text_field", "dataset_kwargs", "chat_template", "chat_template_path", "train_on_inputs", "eos_token", "pad_token", "label_names", "model_init_kwargs",
     "seed", "data_seed", "shuffle_dataset", "train_sampling_strategy", "length_column_name", "dataloader_drop_last",

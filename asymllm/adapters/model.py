@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from ..quantization import dequantized_weight, is_quantized_layer
 from ..zero import broadcast_from_rank0, gathered, is_partitioned, true_shape
 from .init import init_factor, module_seed
 from .recipe import Recipe, RecipeError
@@ -131,7 +132,9 @@ def _init_layer(layer: LoraLayer, name: str, recipe: Recipe, seed: int, adapter_
     r = layer.r[adapter_name]
     full_weight = None
     if recipe.needs_pretrained_weight:
-        full_weight = _full_weight(layer.get_base_layer().weight)
+        base = layer.get_base_layer()
+        # a 4/8-bit base: the SVD of the dequantized weight, the one its forward (and the adapter) sees
+        full_weight = dequantized_weight(base) if is_quantized_layer(base) else _full_weight(base.weight)
         if getattr(layer, "fan_in_fan_out", False):  # GPT-2 Conv1D stores W0 as d_in x d_out
             full_weight = full_weight.T
     values = {}

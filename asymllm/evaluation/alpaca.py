@@ -45,6 +45,7 @@ from ..fingerprint import fingerprint_record, model_fingerprint
 from .generation import GenerationError, GenerationSettings, generate
 from .instructions import InstructionsError, load_instructions, read_model_outputs, write_model_outputs
 from .judge import DEFAULT_MAX_CHARS, JUDGE_TEMPLATE, JudgeError, check_judge_spec, judge_pairs, make_judge
+from ..quantization import add_quantization_flags, quantization_from_args
 from .loading import EvalModelError, evaluated_fingerprints, load_for_eval
 from .metrics import exact_match
 from .metrics import health_figures
@@ -66,6 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--model", help=f"base model path or name (default: the adapter's base, else {DEFAULT_MODEL})")
     model.add_argument("--adapter", help="a LoRASYM adapter folder (e.g. RUN/adapter)")
     model.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+    add_quantization_flags(parser)
     model.add_argument("--chat_template", help="chat template for a model without one saved beside its adapter: chatml, llama3, llama2, mistral, alpaca, tokenizer or a Jinja file (default: as training chooses; an adapter's own is always used)")
     model.add_argument("--generator_name", help="the run's name in the outputs (default: from --adapter or --model)")
     data = parser.add_argument_group("instructions")
@@ -123,7 +125,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     settings.validate()
     # Bound to the files evaluated, not their paths: another adapter or model in the same
     # folder refuses the old generations (asymllm/fingerprint.py).
-    fingerprints = evaluated_fingerprints(args.model, args.adapter)
+    fingerprints = evaluated_fingerprints(args.model, args.adapter, quantization_from_args(args))
     log = ResumeLog(os.path.join(out_dir, "generations.jsonl"), {"dtype": args.dtype, **settings.resume_key(),
                                                                   **({"chat_template": args.chat_template} if args.chat_template else {})},
                     overwrite=args.overwrite, fingerprints=fingerprints)
@@ -171,7 +173,8 @@ def generate_missing(args, todo, settings: GenerationSettings, log: ResumeLog) -
         return None
     from tqdm.auto import tqdm
 
-    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, chat_template=args.chat_template)
+    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, chat_template=args.chat_template,
+                                                  quantization=quantization_from_args(args))
     with tqdm(total=len(todo), desc="generating", unit="output", disable=args.no_progress) as bar:
         for records in generate(model, tokenizer, todo, settings):
             log.append(records)

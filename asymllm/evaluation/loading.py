@@ -24,10 +24,12 @@ class EvalModelError(ValueError):
 
 
 def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: str = "auto",
-                  attn_implementation: str = "sdpa", device: str | None = None, chat_template: str | None = None):
+                  attn_implementation: str = "sdpa", device: str | None = None, chat_template: str | None = None,
+                  quantization=None):
     """(model in eval mode, tokenizer, a short description). `model` defaults to the adapter's
     recorded base, else the built-in default; `dtype` auto = bf16 on CUDA, fp32 on CPU. The chat
-    template: the one saved with the adapter, else `chat_template` (asymllm.tokenizer.use_trained_chat_template)."""
+    template: the one saved with the adapter, else `chat_template` (asymllm.tokenizer.use_trained_chat_template).
+    `quantization` (asymllm.quantization.Quantization): the base loads in 4 or 8 bits, on `device`."""
     path = resolve_model(evaluated_model(model, adapter))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = _dtype(dtype, device)
@@ -40,11 +42,19 @@ def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: s
     attn_implementation, note = attention_for(path, attn_implementation)
     if note:
         logger.info(note)
-    network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    quantized = quantization is not None and quantization.enabled
+    if quantized:
+        _check_quantization(quantization)
+    compute = str(torch_dtype).removeprefix("torch.")
+    network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                   **(quantization.load_kwargs(compute, device) if quantized else {}))
     if adapter:
         network = load_lorasym_model(network, adapter)
-    network.to(device).eval()
-    description = f"{path}" + (f" + adapter {adapter}" if adapter else "") + f" ({str(torch_dtype).removeprefix('torch.')}, {device})"
+    if not quantized:  # a quantized model was placed while it loaded, and cannot be moved
+        network.to(device)
+    network.eval()
+    description = (f"{path}" + (f" + adapter {adapter}" if adapter else "") + f" ({compute}, {device}"
+                   + (f"; base {quantization.describe(compute)})" if quantized else ")"))
     logger.info("evaluating %s", description)
     return network, tokenizer, description
 
@@ -56,12 +66,23 @@ def evaluated_model(model: str | None, adapter: str | None) -> str | None:
     return model or (adapter_base_model(adapter) if adapter else None)
 
 
-def evaluated_fingerprints(model: str | None, adapter: str | None) -> dict:
+def _check_quantization(quantization) -> None:
+    from ..quantization import QuantizationError
+
+    try:
+        quantization.check()
+    except QuantizationError as error:
+        raise EvalModelError(str(error)) from None
+
+
+def evaluated_fingerprints(model: str | None, adapter: str | None, quantization=None) -> dict:
     """{"model": ..., "adapter": ...} (asymllm.fingerprint) of what `load_for_eval(model, adapter)`
     evaluates: results are bound to these files, not to the paths they were given by."""
     found = {"model": model_fingerprint(evaluated_model(model, adapter))}
     if adapter:
         found["adapter"] = adapter_fingerprint(adapter)
+    if quantization is not None and quantization.enabled:  # a 4-bit result is not a full-precision one
+        found["base_quantization"] = {"name": quantization.describe(), **quantization.record()}  # known by name
     return found
 
 

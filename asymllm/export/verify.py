@@ -103,6 +103,34 @@ def _reference_model(base_dir: str, source: AdapterSource, dtype: torch.dtype, s
     return load_lorasym_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), adapter_dir).eval()
 
 
+def quantized_base_gap(base_dir: str, source: AdapterSource, base_quantization: dict, tokenizer) -> str:
+    """For an adapter trained on a 4/8-bit base, merged into the full-precision base: how far that
+    (base + adapter in fp32, what the export equals) is from what training ran (the quantized base
+    + adapter, fp32 compute), on the verification prompts, measured: one line for the card and log."""
+    from transformers import AutoModelForCausalLM
+
+    from ..adapters.files import load_lorasym_model
+    from ..quantization import Quantization
+
+    quant = Quantization.from_record(base_quantization)
+    batches = _prompt_ids(tokenizer, int(read_json(os.path.join(base_dir, "config.json"))["vocab_size"]))
+    with contextlib.ExitStack() as stack:
+        full = _logits(_reference_model(base_dir, source, torch.float32, stack), batches)
+        adapter_dir = source.directory
+        if source.rebuilt_from_shards:
+            adapter_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="asymllm-export-adapter-"))
+            write_adapter_folder(adapter_dir, source.tensors, source.config, source.recipe, source.seed)
+        quantized = load_lorasym_model(AutoModelForCausalLM.from_pretrained(
+            base_dir, dtype=torch.float32, **quant.load_kwargs("float32", "cpu")), adapter_dir).eval()
+        trained = _logits(quantized, batches)
+    positions = sum(f.shape[0] for f in full)
+    same = sum(int((f.argmax(-1) == t.argmax(-1)).sum()) for f, t in zip(full, trained))
+    return (f"training used a {quant.describe('float32')} base; this export merges into the full-precision base, whose "
+            f"logits with the adapter differ from the quantized base + adapter's by at most "
+            f"{_max_abs_diff(full, trained):.3g} (max |logit| {max(f.abs().max().item() for f in full):.3g}), "
+            f"same argmax at {same} of {positions} positions, on the {len(batches)} verification prompts")
+
+
 def fp32_bound(reference: list[torch.Tensor], peft_merged: list[torch.Tensor]) -> tuple[float, float, float, str]:
     """(bound, noise floor, max |logit|, the rule in words) of the fp32 merged-vs-unmerged check."""
     floor = _max_abs_diff(peft_merged, reference)

@@ -22,8 +22,8 @@ from trl import SFTConfig
 from ..adapters.model import DEFAULT_LORA_ALPHA, DEFAULT_LORA_DROPOUT, DEFAULT_LORA_R  # one set of defaults: the Python API's
 from ..adapters.recipe import Recipe, RecipeError
 from ..adapters.targets import ALL_LINEAR
-from ..chat_templates import ChatTemplateError, check_chat_template_flag
 from .precision import choose_cpu_autocast, cpu_bf16_units
+from .trl_fields import FieldError, check_chat_template, check_trl_fields
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,20 @@ class ModelArguments:
     attn_implementation: str | None = field(
         default=None, metadata={"help": "flash_attention_2, sdpa or eager (default: flash_attention_2 when flash-attn and CUDA are present, else sdpa)"}
     )
+    # QLoRA, with TRL ModelConfig's names (asymllm.quantization)
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the base in 4 bits (bitsandbytes; pip install 'asymllm[qlora]')"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load the base in 8 bits (bitsandbytes LLM.int8)"})
+    bnb_4bit_quant_type: str = field(default="nf4", metadata={"help": "nf4 or fp4, with --load_in_4bit"})
+    use_bnb_nested_quant: bool = field(default=False, metadata={"help": "quantize the 4-bit scales too (double quantization)"})
+    bnb_4bit_compute_dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: the training dtype)"})
+    bnb_4bit_quant_storage: str | None = field(default=None, metadata={
+        "help": "dtype the packed 4-bit weights are stored in (default uint8; ZeRO-3 needs the training dtype)"})
+
+    def quantization(self):
+        from ..quantization import Quantization
+
+        return Quantization(self.load_in_4bit, self.load_in_8bit, self.bnb_4bit_quant_type, self.use_bnb_nested_quant,
+                            self.bnb_4bit_compute_dtype, self.bnb_4bit_quant_storage)
 
 
 @dataclass
@@ -225,6 +239,44 @@ def read_yaml_config(argv: list[str]) -> dict:
 # --- flag values, checked before anything is loaded: one line naming the flag and what it accepts
 
 
+def training_dtype_name(sft_config) -> str:
+    return "bfloat16" if sft_config.bf16 else "float16" if sft_config.fp16 else "float32"
+
+
+def check_quantization(model_args, sft_config):
+    """The base's quantization (asymllm.quantization.Quantization), checked before anything loads."""
+    from ..quantization import QuantizationError
+
+    quant = model_args.quantization()
+    try:
+        quant.check()
+    except QuantizationError as error:
+        raise ConfigError(str(error)) from None
+    if quant.load_in_4bit and zero_stage(sft_config.deepspeed) == 3:
+        # peft's QLoRA + ZeRO-3 setup: packed 4-bit weights stored in the training dtype, which ZeRO-3 partitions
+        wanted = training_dtype_name(sft_config)
+        if model_args.bnb_4bit_quant_storage not in (None, wanted):
+            raise ConfigError(f"--bnb_4bit_quant_storage {model_args.bnb_4bit_quant_storage} with ZeRO-3: must be the "
+                              f"training dtype ({wanted}) so ZeRO-3 can partition the packed weights; leave it out")
+        model_args.bnb_4bit_quant_storage = quant.bnb_4bit_quant_storage = wanted
+    return quant
+
+
+def zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a --deepspeed config (a JSON file or a mapping from a --config YAML)."""
+    if not deepspeed:
+        return None
+    config = deepspeed
+    if not isinstance(config, dict):
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+    stage = (config.get("zero_optimization") or {}).get("stage")
+    return stage if isinstance(stage, int) else None
+
+
 def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
     """Refuse flag values that would fail (or silently do nothing) after the data and the model
     have loaded. Returns the parsed recipe."""
@@ -239,8 +291,11 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
     _require(adapter_args.lora_dropout, "--lora_dropout", "a probability in [0, 1), e.g. 0 or 0.05",
              lambda v: _is_number(v) and 0 <= v < 1)
     adapter_args.target_modules = _check_target_modules(adapter_args.target_modules)
-    _check_chat_template(data_args, sft_config)
-    _check_trl_fields(sft_config)
+    try:
+        check_chat_template(data_args, sft_config)
+        check_trl_fields(sft_config)
+    except FieldError as error:
+        raise ConfigError(str(error)) from None
     _require(sft_config.learning_rate, "--learning_rate", "a positive number (e.g. 1e-3 for adapters)",
              lambda v: _is_number(v) and v > 0)
     _require(sft_config.max_length, "--max_length", "a positive integer number of tokens (e.g. 512 or 2048)",
@@ -257,73 +312,6 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
         raise ConfigError(f"--max_bad_steps {sft_config.max_bad_steps} with --deepspeed needs --gradient_accumulation_steps 1 "
                           f"(got {sft_config.gradient_accumulation_steps}); raise --per_device_train_batch_size instead")
     return recipe
-
-
-# SFTConfig fields asymllm does itself, so TRL's would act on data asymllm has already tokenized
-# (or not at all): refused when set, with asymllm's way to the same thing.
-TAKEN_OVER = {
-    "dataset_text_field": "asymllm reads instruction data itself (alpaca, chat `messages`, prompt/completion and "
-                          "sharegpt layouts) and renders it through the chat template; there is no text column to name",
-    "fsdp": "asymllm shards with DeepSpeed (--deepspeed ds_configs/zero3.json; zero2.json, zero3_offload.json) or runs "
-            "plain DDP under torchrun; FSDP is not supported",
-    "fsdp_config": "asymllm shards with DeepSpeed (--deepspeed ds_configs/zero3.json) or runs plain DDP; FSDP is not supported",
-}
-# where the model loads: asymllm sets these from its own flags
-MODEL_INIT_OWN = {"dtype": "--bf16 / --fp16 (fp32 otherwise)", "torch_dtype": "--bf16 / --fp16 (fp32 otherwise)",
-                  "attn_implementation": "--attn_implementation", "quantization_config": "(not supported yet)"}
-
-
-def _check_trl_fields(sft_config) -> None:
-    defaults = {f.name: f.default for f in fields(SFTConfig)}
-    for name, why in TAKEN_OVER.items():
-        value = getattr(sft_config, name, None)
-        if value not in (defaults.get(name), None, "", []):
-            shown = "" if name.startswith("fsdp") else f" {value}"  # transformers has rewritten --fsdp's value by now
-            raise ConfigError(f"--{name}{shown}: {why}")
-    # loss on the replies only is what asymllm does; TRL's own masking would look for text asymllm has tokenized
-    if sft_config.completion_only_loss is False:
-        raise ConfigError("--completion_only_loss false: asymllm puts the loss on the replies by default; "
-                          "--train_on_inputs puts it on every token")
-    sft_config.assistant_only_loss, sft_config.completion_only_loss = False, None
-    if getattr(sft_config, "use_liger_kernel", False):
-        import importlib.util
-
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("--use_liger_kernel: needs the liger-kernel package (pip install liger-kernel), whose "
-                              "Triton kernels run on NVIDIA GPUs only")
-    kwargs = sft_config.model_init_kwargs
-    if isinstance(kwargs, str):  # from the command line, a JSON object
-        try:
-            kwargs = json.loads(kwargs)
-        except ValueError:
-            raise ConfigError(f"--model_init_kwargs {kwargs}: must be a JSON object, e.g. '{{\"revision\": \"main\"}}'") from None
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise ConfigError(f"--model_init_kwargs {kwargs}: must be a mapping of from_pretrained keyword arguments")
-    for key in kwargs or {}:
-        if key in MODEL_INIT_OWN:
-            raise ConfigError(f"--model_init_kwargs {key}: asymllm sets it from {MODEL_INIT_OWN[key]}; use that instead")
-    sft_config.model_init_kwargs = kwargs
-
-
-def _check_chat_template(data_args, sft_config) -> None:
-    """--chat_template names a template or a file. TRL's --chat_template_path, given a Jinja file, is
-    the same flag; TRL would install it only after asymllm had tokenized the data with another
-    template, so asymllm takes it here and TRL never sees it. A tokenizer folder there would have
-    TRL add its tokens and resize the embeddings, which a frozen base cannot learn: refused."""
-    path = getattr(sft_config, "chat_template_path", None)
-    if path is not None:
-        if data_args.chat_template is not None:
-            raise ConfigError(f"--chat_template {data_args.chat_template} and --chat_template_path {path}: give one "
-                              "(--chat_template takes a name or a Jinja file)")
-        if not (os.path.isfile(path) and path.endswith((".jinja", ".j2"))):
-            raise ConfigError(f"--chat_template_path {path}: asymllm takes a Jinja file (.jinja, .j2) here; copying another "
-                              "tokenizer's template adds its tokens to a frozen embedding that cannot learn them. Use "
-                              "--chat_template with a name (chatml, llama3, llama2, mistral, alpaca) or a Jinja file")
-        data_args.chat_template, sft_config.chat_template_path = path, None
-    try:
-        check_chat_template_flag(data_args.chat_template)
-    except ChatTemplateError as error:
-        raise ConfigError(str(error)) from None
 
 
 def _require(value, flag: str, allowed: str, ok) -> None:

@@ -31,13 +31,14 @@ from ..attention import AttentionError, choose_attention, model_attention  # noq
 from ..builtin import resolve_model
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, load_examples, split_heldout
 from ..distributed import bootstrap_cpu_distributed, finish_distributed, restart_store_warning
+from ..quantization import QuantizationError, check_layers_quantized
 from ..records import source_identity, split_read
 from ..run_record import training_settings, write_run_record
 from ..tokenizer import ensure_chat_template, ensure_pad_token
 from ..zero import count_parameters, rank_and_world
 from .checkpoints import (EXIT_STALE_CHECKPOINT, INCOMPLETE_PREFIX, StaleCheckpoint, check_complete, latest_complete_checkpoint,
                           remove_incomplete)
-from .config import ConfigError, check_run_flags, parse_train_args, uses_deepspeed
+from .config import ConfigError, check_quantization, check_run_flags, parse_train_args, training_dtype_name, uses_deepspeed, zero_stage
 from .faults import Diverged, StepGuard, StopSignals, check_not_diverged_before, exit_diverged, exit_stopped_by_signal
 from .packing import PackingError, check_packing
 from .preflight import check_push_to_hub, preflight
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def train(adapter_args, model_args, data_args, sft_config) -> dict:
     recipe = check_run_flags(adapter_args, data_args, sft_config)  # before anything loads: a typo costs no model load
+    quant = check_quantization(model_args, sft_config)
     if sft_config.disable_tqdm:
         disable_library_progress_bars()
     sft_config.output_dir = sft_config.output_dir.format(recipe=recipe.name, lora_r=adapter_args.lora_r, seed=sft_config.seed)
@@ -101,7 +103,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     if getattr(sft_config, "precision_note", ""):
         logger.info(sft_config.precision_note)
     logger.info(check_packing(sft_config.packing, attn, strategy=sft_config.packing_strategy, padding_free=sft_config.padding_free))
-    model = load_model(model_path, sft_config, attn, tokenizer)
+    model = load_model(model_path, sft_config, attn, tokenizer, quant)
     init_kwargs, sft_config.model_init_kwargs = sft_config.model_init_kwargs, None  # used; TRL, given a model, would warn
     model = get_lorasym_model(model, LoRASYMConfig(
         recipe=recipe, r=adapter_args.lora_r, lora_alpha=adapter_args.lora_alpha, lora_dropout=adapter_args.lora_dropout,
@@ -125,7 +127,8 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     if data_args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
     write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
-                     resumed_from=resume, training_settings=settings, chat_template=template_record(tokenizer))
+                     resumed_from=resume, training_settings=settings, chat_template=template_record(tokenizer),
+                     quantization=quant.record(training_dtype_name(sft_config)))
     signals.install()  # from here a SIGTERM/SIGUSR1 means "checkpoint and exit", not "die now"
     try:
         result = trainer.train(resume_from_checkpoint=resume)
@@ -227,11 +230,20 @@ def check_model_path(model_path: str) -> str:
     return os.path.expanduser(model_path)
 
 
-def load_model(model_path: str, sft_config, attn: str, tokenizer):
+def load_model(model_path: str, sft_config, attn: str, tokenizer, quant=None):
     dtype = torch.bfloat16 if sft_config.bf16 else (torch.float16 if sft_config.fp16 else torch.float32)
     init_kwargs = dict(sft_config.model_init_kwargs or {})  # --model_init_kwargs: what TRL would pass to from_pretrained
+    if quant is not None and quant.enabled:
+        init_kwargs.update(quant.load_kwargs(default_compute=training_dtype_name(sft_config)))
+        if zero_stage(sft_config.deepspeed) == 3:  # ZeRO-3 places the partitions itself
+            init_kwargs.pop("device_map")
+        logger.info("base quantized while it loads: %s; the adapter trains against its dequantized weights, and norms "
+                    "and the output head stay in %s (peft's prepare_model_for_kbit_training would cast them to fp32, "
+                    "doubling their memory on a bf16 run)", quant.describe(training_dtype_name(sft_config)),
+                    str(dtype).removeprefix("torch."))
     logger.info("model %s in %s, attention %s%s", model_path, str(dtype).removeprefix("torch."), attn,
-                f", from_pretrained({', '.join(f'{k}={v!r}' for k, v in init_kwargs.items())})" if init_kwargs else "")
+                f", from_pretrained({', '.join(f'{k}={v!r}' for k, v in sft_config.model_init_kwargs.items())})"
+                if sft_config.model_init_kwargs else "")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn, **init_kwargs)
     except TypeError as error:  # a keyword from_pretrained or the model class does not take
@@ -239,6 +251,13 @@ def load_model(model_path: str, sft_config, attn: str, tokenizer):
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"--model {model_path}: cannot load ({first}); give a local folder or a hub name that is cached or reachable") from None
+    if quant is not None and quant.enabled:
+        try:
+            note = check_layers_quantized(model, quant.bits)
+        except QuantizationError as error:
+            raise ModelLoadError(str(error)) from None
+        if note:
+            logger.warning(note)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if sft_config.activation_checkpointing:

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 class LorasymSFTTrainer(SFTTrainer):
     def __init__(self, *args, guard: StepGuard | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._undo_trl_bf16_cast_on_quantized_bases()
         self._loss_tokens = 0
         self._last_log = None  # (time, tokens) at the previous log; set at the first step
         self.guard = guard or StepGuard(StopSignals())  # signals not installed: stops only on a diverged loss
@@ -60,6 +61,21 @@ class LorasymSFTTrainer(SFTTrainer):
         if self.args.disable_tqdm:  # PrinterCallback's raw dicts give neither the step count nor the time left
             self.remove_callback(PrinterCallback)
             self.add_callback(PlainProgress)
+
+    def _undo_trl_bf16_cast_on_quantized_bases(self) -> None:
+        """On a 4/8-bit base TRL casts every *trainable* adapter weight to bf16 (the QLoRA paper's
+        advice), whatever the run computes in: on a CPU in fp32 the first forward then fails
+        (float input, bf16 B), and a frozen A stays fp32 beside a bf16 B. Every adapter factor here
+        takes the run's dtype instead: fp32, or bf16 / fp16 with --bf16 / --fp16."""
+        model = self.model
+        if not (getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)):
+            return
+        dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+        for name, param in model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        logger.info("quantized base: every adapter factor in %s (TRL would cast the trained ones to bf16)",
+                    str(dtype).removeprefix("torch."))
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         """bf16 autocast on CPUs with bf16 units (training/precision.py); transformers' own otherwise."""
