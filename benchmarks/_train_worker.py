@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: leave torch's choice)")
     p.add_argument("--deepspeed", default=None)
     p.add_argument("--out", required=True)
+    p.add_argument("--quant", choices=["none", "nf4", "int8"], default="none",
+                   help="the base as loaded: full precision, 4-bit NF4 (double quantization), or 8-bit (bitsandbytes)")
+    p.add_argument("--extra", default="", help="more asymllm train flags, space-separated (asymllm variant only)")
     return p.parse_args(argv)
 
 
@@ -128,6 +131,7 @@ class Timer(TrainerCallback):
         # RSS when the model's forward returns (activations held, backward not begun)
         self.trainer.model.register_forward_hook(lambda *_: self._record("step_rss_forward_end_mib", "VmRSS"))
         bench["before_train"] = rss_status()
+        bench["model_footprint_bytes"] = self.trainer.model.get_memory_footprint()  # weights and buffers, as held
         bench["loadavg_start_of_train"] = os.getloadavg()
         bench["peak_reset"] = reset_peak_rss()
 
@@ -186,7 +190,25 @@ def run_asymllm(args, values: dict) -> None:
             "--attn_implementation", "sdpa", "--output_dir", os.path.join(args.out, "run")] + sft_flags(values)
     if args.deepspeed:
         argv += ["--deepspeed", args.deepspeed]
+    argv += QUANT_FLAGS[args.quant] + args.extra.split()
     train_module.main(argv)
+
+
+QUANT_FLAGS = {"none": [], "nf4": ["--load_in_4bit", "--bnb_4bit_quant_type", "nf4", "--use_bnb_nested_quant"],
+               "int8": ["--load_in_8bit"]}
+
+
+def peer_quantization(quant: str) -> dict:
+    """from_pretrained keywords a TRL + peft QLoRA user passes: the same bitsandbytes settings as asymllm's flags."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "none":
+        return {}
+    config = (BitsAndBytesConfig(load_in_8bit=True) if quant == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32))
+    return {"quantization_config": config, "device_map": {"": "cpu"}}
 
 
 def run_peer(args, values: dict) -> None:
@@ -214,7 +236,8 @@ def run_peer(args, values: dict) -> None:
         ensure_pad_token(tokenizer)
         examples, _ = load_examples(args.dataset)
         train_set, _ = tokenize_examples(examples, tokenizer, config.max_length, config.truncation_mode)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa",
+                                                     **peer_quantization(args.quant))
         model.config.pad_token_id = tokenizer.pad_token_id
         lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=TARGETS,
                           task_type="CAUSAL_LM")
@@ -239,7 +262,7 @@ def main(argv=None) -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     import torch
 
-    result = dict(RESULT, variant=args.variant, rank=rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
+    result = dict(RESULT, variant=args.variant, quant=args.quant, rank=rank, world_size=int(os.environ.get("WORLD_SIZE", "1")),
                   wall_seconds=time.perf_counter() - start, at_exit=rss_status(), torch_threads=torch.get_num_threads(),
                   cpu_seconds=usage.ru_utime + usage.ru_stime, warmup=args.warmup, steps=args.steps)
     os.makedirs(args.out, exist_ok=True)

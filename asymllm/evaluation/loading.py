@@ -48,6 +48,10 @@ def load_for_eval(model: str | None = None, adapter: str | None = None, dtype: s
     compute = str(torch_dtype).removeprefix("torch.")
     network = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation,
                                                    **(quantization.load_kwargs(compute, device) if quantized else {}))
+    if quantized:
+        from ..quantization import release_checkpoint_memory
+
+        release_checkpoint_memory(network)  # the checkpoint pages the quantizing load kept mapped
     if adapter:
         network = load_lorasym_model(network, adapter)
     if not quantized:  # a quantized model was placed while it loaded, and cannot be moved

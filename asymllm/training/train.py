@@ -31,7 +31,7 @@ from ..attention import AttentionError, choose_attention, model_attention  # noq
 from ..builtin import resolve_model
 from ..data import BUILTIN_DATASET, BUILTIN_HELDOUT, DataError, load_examples, split_heldout
 from ..distributed import bootstrap_cpu_distributed, finish_distributed, restart_store_warning
-from ..quantization import QuantizationError, check_layers_quantized
+from ..quantization import QuantizationError, check_layers_quantized, release_checkpoint_memory
 from ..records import source_identity, split_read
 from ..run_record import training_settings, write_run_record
 from ..tokenizer import ensure_chat_template, ensure_pad_token
@@ -258,6 +258,9 @@ def load_model(model_path: str, sft_config, attn: str, tokenizer, quant=None):
             raise ModelLoadError(str(error)) from None
         if note:
             logger.warning(note)
+        released = release_checkpoint_memory(model)
+        if released:
+            logger.info("quantized base loaded: %.0f MiB of checkpoint pages and freed copies returned to the system", released)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if sft_config.activation_checkpointing:
