@@ -54,7 +54,7 @@ class ModelLoadError(RuntimeError):
 
 
 # Mistakes a user can make in flags, files or data: one clear line, no traceback.
-USER_ERRORS = (AttentionError, RecipeError, DataError, TargetError, InitError, AdapterFileError, PackingError, ModelLoadError, ConfigError)
+USER_ERRORS = (AttentionError, QuantizationError, RecipeError, DataError, TargetError, InitError, AdapterFileError, PackingError, ModelLoadError, ConfigError)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,10 +252,7 @@ def load_model(model_path: str, sft_config, attn: str, tokenizer, quant=None):
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"--model {model_path}: cannot load ({first}); give a local folder or a hub name that is cached or reachable") from None
     if quant is not None and quant.enabled:
-        try:
-            note = check_layers_quantized(model, quant.bits)
-        except QuantizationError as error:
-            raise ModelLoadError(str(error)) from None
+        note = check_layers_quantized(model, quant.bits)  # QuantizationError: a user error, one line
         if note:
             logger.warning(note)
         released = release_checkpoint_memory(model)
