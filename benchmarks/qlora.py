@@ -92,7 +92,30 @@ def part_default(workdir: str, model: str) -> dict:
                  "--max_new_tokens", "64", "--batch_size", "40", "--no_progress", "--output_dir", os.path.join(out, "eval"),
                  *EVAL_FLAGS[quant]], os.path.join(out, "eval.log"))
         results[quant]["exact_match"] = _exact_match(os.path.join(out, "eval"))
+        results[quant]["correct"] = _correct_by_item(os.path.join(out, "eval"))
+    for quant in QUANTS[1:]:
+        results[quant]["paired_vs_fp32"] = paired_difference(results["none"]["correct"], results[quant]["correct"])
     return results
+
+
+def _correct_by_item(folder: str) -> dict[str, bool]:
+    """{item key: exact match} of one evaluation, from its generations and the built-in references."""
+    from asymllm.evaluation.instructions import load_instructions
+
+    references = {item.key: item.reference for item in load_instructions(None)}
+    with open(os.path.join(folder, "generations.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["key"]: r["output"].strip() == references[r["key"]].strip() for r in records}
+
+
+def paired_difference(base: dict[str, bool], other: dict[str, bool]) -> dict:
+    """Exact match of `other` minus `base` on the same items: mean, Student-t 95% interval, discordant items."""
+    keys = sorted(set(base) & set(other))
+    diffs = [int(other[k]) - int(base[k]) for k in keys]
+    n, mean = len(diffs), statistics.fmean(diffs)
+    half = 1.98 * statistics.stdev(diffs) / n ** 0.5 if n > 1 else float("nan")  # t(0.975, ~119 df)
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half,
+            "only_base": sum(d < 0 for d in diffs), "only_other": sum(d > 0 for d in diffs)}
 
 
 def _exact_match(folder: str) -> dict:
@@ -147,6 +170,14 @@ def part_1b(workdir: str, model: str) -> dict:
                           batch=1, extra="--max_length 256") for quant in ("none", "nf4")}
 
 
+def _paired(r: dict) -> str:
+    p = r.get("paired_vs_fp32")
+    if not p:
+        return ""
+    return (f"; vs fp32 {100 * p['mean']:+.1f} points [{100 * p['low']:+.1f}, {100 * p['high']:+.1f}], "
+            f"{p['only_base']} items right only on fp32, {p['only_other']} only here")
+
+
 def report(results: dict, seconds: float) -> str:
     import torch
     import transformers
@@ -169,7 +200,7 @@ def report(results: dict, seconds: float) -> str:
             lines.append(f"| {LABEL[q]} | {r['peak_train_mib']:.0f} ({r['peak_train_mib'] / base['peak_train_mib']:.2f}x) | "
                          f"{r['footprint_mib']:.0f} ({r['footprint_mib'] / base['footprint_mib']:.2f}x) | "
                          f"{r['tokens_per_s']:.0f} ({r['tokens_per_s'] / base['tokens_per_s']:.2f}x) | {r['eval_loss']:.4f} | "
-                         f"{100 * em['accuracy']:.1f}% ({em['n_correct']}/{em['n']}; {100 * (em['accuracy'] - base['exact_match']['accuracy']):+.1f} points) |")
+                         f"{100 * em['accuracy']:.1f}% ({em['n_correct']}/{em['n']}){_paired(r)} |")
         lines.append("")
     if "peer" in results:
         p = results["peer"]
@@ -181,8 +212,8 @@ def report(results: dict, seconds: float) -> str:
                   f"| ratio asymllm / peer | {a['tokens_per_s'] / t['tokens_per_s']:.3f}x | {a['peak_train_mib'] / t['peak_train_mib']:.3f}x | |", ""]
     if "1b" in results:
         b = results["1b"]
-        lines += ["| ~1.0B Llama, one step, batch 1 x 256 tokens | peak RSS training (MiB) | model in memory (MiB) | "
-                  "peak RSS loading (MiB) | step s |", "|---|---|---|---|---|"]
+        lines += ["| ~1.0B Llama, one step, batch 1 (built-in data, max length 256) | peak RSS training (MiB) | model in memory (MiB) | "
+                  "peak RSS before training (MiB) | step s |", "|---|---|---|---|---|"]
         for q in ("none", "nf4"):
             r = b[q]
             lines.append(f"| {LABEL[q]} | {r['peak_train_mib']:.0f} ({r['peak_train_mib'] / b['none']['peak_train_mib']:.3f}x) | "
@@ -203,6 +234,8 @@ def main(argv=None) -> int:
     results = {}
     for name in args.parts.split(","):
         results[name] = parts[name](args.workdir, model)
+        for run_result in (results[name].values() if name == "default" else []):
+            run_result.pop("correct", None)  # per item: in WORKDIR, not in the summary
         with open(os.path.join(args.workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1, default=str)
     text = report(results, time.perf_counter() - start)

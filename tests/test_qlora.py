@@ -179,6 +179,9 @@ def test_alpaca_eval_and_chat_on_a_4bit_base(nf4_run, tmp_path, capsys):
     again = alpaca(["--adapter", adapter, "--limit", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval2"),
                     "--no_progress"])
     assert again["fingerprint"]["id"] != summary["fingerprint"]["id"]  # full precision: another result
+    with pytest.raises(SystemExit, match=r"holds results of another base_quantization \(base_quantization 4-bit nf4"):
+        alpaca(["--adapter", adapter, "--limit", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "eval"),
+                "--no_progress"])  # the 4-bit run's folder: its results are not a full-precision evaluation's
     capsys.readouterr()
     chat(["--adapter", adapter, "--load_in_4bit", "--prompt", "Add 2 and 4.", "--max_new_tokens", "6"])
     assert capsys.readouterr().out.strip()  # one reply, from the 4-bit base + adapter
