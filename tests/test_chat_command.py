@@ -132,11 +132,17 @@ def test_terminal_keeps_the_conversation_and_resets_it(model_dir):
                                                                 {"role": "user", "content": "hi"}], 8).split()
 
 
+def _default_sigint() -> None:
+    """In the chat process, Ctrl-C as a terminal gives it: a shell that starts the test run in the
+    background (`cmd &`) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_d_and_ctrl_c_leave_without_a_traceback(model_dir):
     done = _terminal(model_dir, "hi\n")  # stdin ends: Ctrl-D
     assert done.returncode == 0 and "Traceback" not in done.stderr and done.stdout.rstrip().endswith("you>")
     proc = subprocess.Popen([*CHAT, "--model", model_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=REPO)
+                            cwd=REPO, preexec_fn=_default_sigint)
     seen, deadline = b"", time.monotonic() + 120
     while b"you> " not in seen and time.monotonic() < deadline:
         seen += os.read(proc.stdout.fileno(), 1024)
@@ -164,7 +170,7 @@ def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(tmp_path):
     tokens, so the signal always arrives mid-reply."""
     endless = never_ending_model(tmp_path / "endless")
     proc = subprocess.Popen([*CHAT, "--model", endless, "--max_new_tokens", "8000"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, preexec_fn=_default_sigint)
 
     def read_until(done, seen: bytes = b"") -> bytes:
         deadline = time.monotonic() + 120
