@@ -45,7 +45,8 @@ def git_commit() -> str | None:
 
 def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
                      resumed_from: str | None = None, training_settings: dict | None = None,
-                     chat_template: dict | None = None, quantization: dict | None = None) -> str | None:
+                     chat_template: dict | None = None, quantization: dict | None = None,
+                     adapter_path: str | None = None) -> str | None:
     """asymllm_run.json: everything needed to know what ran (rank 0 writes). A resumed run
     keeps the earlier invocations' commands, commits and versions under earlier_invocations."""
     if int(os.environ.get("RANK", "0")) != 0:
@@ -68,6 +69,8 @@ def write_run_record(output_dir, adapter_args, model_args, data_args, sft_config
     if training_settings is not None:
         record["training_settings"] = training_settings
     record["base_quantization"] = quantization  # None: the base trained in full precision
+    if adapter_path is not None:  # fused frozen-A or peft's forward, and why (adapters/fused.py)
+        record["adapter_path"] = adapter_path
     if chat_template is not None:  # the template the data was rendered with; the adapter folder's tokenizer carries it
         record["chat_template"] = chat_template
     os.makedirs(output_dir, exist_ok=True)
@@ -183,6 +186,8 @@ IGNORED_FLAGS = (
     "local_rank", "accelerator_config",
     # fault handling: the way on after a stop or a non-finite loss (a resume with --max_bad_steps N is the advice)
     "stop_after_steps", "max_bad_steps",
+    # the fused frozen-A path computes peft's forward in fewer products (equal to fp32 rounding)
+    "fused_frozen_a",
 )
 WORLD_SIZE = "world size"  # not a flag: the launcher's process count (global batch = per device x accumulation x this)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",

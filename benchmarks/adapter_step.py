@@ -15,7 +15,10 @@ random weights from `asymllm.tiny`. Variants, each a fresh model built from the 
   This is the floor an adapter step adds to.
 - peft LoRA r=16: `peft.get_peft_model` with `LoraConfig(r=16, lora_alpha=32)`.
 - asymllm hA_he_hB_zero r=16: LoRASYM's spelling of LoRA (A trained, B trained).
-- asymllm A_rand_hB_zero r=16: A random orthonormal and frozen, B trained.
+- asymllm A_rand_hB_zero r=16 (peft forward): A random orthonormal and frozen, B trained,
+  computed by peft's LoRA forward (`fuse_frozen_a=False`, `--fused_frozen_a false`).
+- asymllm A_rand_hB_zero r=16: the same adapter on asymllm's default fused frozen-A path
+  (A's projection in the base GEMM, `asymllm/adapters/fused.py`; issue 29).
 
 All adapters go into the same 7 projections (q, k, v, o, gate, up, down).
 
@@ -61,7 +64,8 @@ LEARNING_RATE = 2e-4
 SEED = 0
 REFERENCE = "peft LoRA r=16"
 ASYM = "asymllm A_rand_hB_zero r=16"
-TARGET_TIME_RATIO = 1.0    # A_rand_hB_zero no slower than peft LoRA
+ASYM_PEFT_FORWARD = "asymllm A_rand_hB_zero r=16 (peft forward)"
+TARGET_TIME_RATIO = 0.90   # the fused A_rand_hB_zero step at most 0.90x peft LoRA's (issue 29)
 TARGET_STATE_RATIO = 0.55  # optimizer state at most 55% of LoRA's
 
 # peft 0.21 asks transformers 5 for a renamed attribute; harmless, and it would clutter the report
@@ -98,9 +102,9 @@ def peft_lora(model: torch.nn.Module) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def lorasym(recipe: str) -> Callable[[torch.nn.Module], torch.nn.Module]:
+def lorasym(recipe: str, fuse: bool = True) -> Callable[[torch.nn.Module], torch.nn.Module]:
     def wrap(model: torch.nn.Module) -> torch.nn.Module:
-        return get_lorasym_model(model, LoRASYMConfig(recipe=recipe, r=RANK, lora_alpha=ALPHA, seed=SEED))
+        return get_lorasym_model(model, LoRASYMConfig(recipe=recipe, r=RANK, lora_alpha=ALPHA, seed=SEED, fuse_frozen_a=fuse))
     return wrap
 
 
@@ -109,6 +113,7 @@ VARIANTS: dict[str, tuple[Callable, Recipe | None]] = {
     "frozen base (fwd+bwd, no optimizer)": (frozen_base, None),
     REFERENCE: (peft_lora, Recipe.parse("hA_he_hB_zero")),
     "asymllm hA_he_hB_zero r=16": (lorasym("hA_he_hB_zero"), Recipe.parse("hA_he_hB_zero")),
+    ASYM_PEFT_FORWARD: (lorasym("A_rand_hB_zero", fuse=False), Recipe.parse("A_rand_hB_zero")),
     ASYM: (lorasym("A_rand_hB_zero"), Recipe.parse("A_rand_hB_zero")),
 }
 
@@ -239,7 +244,7 @@ def verdicts(runs: list[Run]) -> list[str]:
     state_ratio = asym.state_bytes / ref.state_bytes
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     return [
-        f"target: A_rand_hB_zero median step <= {TARGET_TIME_RATIO:.2f} x peft LoRA: "
+        f"target: A_rand_hB_zero (fused) median step <= {TARGET_TIME_RATIO:.2f} x peft LoRA: "
         f"{verdict(time_ratio <= TARGET_TIME_RATIO)} ({time_ratio:.3f})",
         f"target: A_rand_hB_zero optimizer state <= {100 * TARGET_STATE_RATIO:.0f}% of peft LoRA: "
         f"{verdict(state_ratio <= TARGET_STATE_RATIO)} ({100 * state_ratio:.1f}%)",

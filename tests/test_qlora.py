@@ -105,6 +105,11 @@ def test_the_adapter_reloads_in_plain_peft_on_the_4bit_and_the_full_precision_ba
     assert 0 < gap < 1.0, gap  # quantization error: present, and small next to logits of size ~5
 
 
+def test_a_4bit_base_takes_pefts_forward_and_the_record_says_why(nf4_run):
+    record = json.loads((nf4_run / "asymllm_run.json").read_text())
+    assert record["adapter_path"] == "adapter path: peft's LoRA forward (quantized base (14))"
+
+
 def test_resume_of_a_4bit_run_is_exact(nf4_run, model_dir, data, tmp_path):
     out = tmp_path / "run"
     main(flags(model_dir, data, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--stop_after_steps",

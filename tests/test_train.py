@@ -65,6 +65,7 @@ def test_run_record_metrics_and_loss_curve(run):
     record = json.loads((output_dir / "asymllm_run.json").read_text())
     assert record["recipe"] == "A_rand_hB_zero" and record["seed"] == SEED
     assert record["sft_config"]["max_steps"] == 6 and record["adapter"]["lora_r"] == 16
+    assert record["adapter_path"].startswith("adapter path: fused frozen A") and "on all 14 adapted layers" in record["adapter_path"]
     assert record["versions"]["torch"] and record["versions"]["trl"]
     assert "git_commit" in record
     assert (output_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

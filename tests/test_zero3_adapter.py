@@ -97,6 +97,8 @@ def test_base_and_adapter_really_partitioned(run_dir):
         assert info["world"] == 2
         assert info["base_weight_local_shape_after_peft"] == [0]
         assert info["lora_A_local_shape"] == [0] and info["lora_B_local_shape"] == [0]
+        # the fused frozen-A node would bypass ZeRO-3's gathering hooks: peft's forward, said
+        assert info["adapter_path"] == "adapter path: peft's LoRA forward (ZeRO-3 partitions the weights (14))"
 
 
 def test_v_init_is_top_right_singular_vectors_of_full_weight(run_dir, single_process):

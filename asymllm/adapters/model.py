@@ -20,6 +20,7 @@ from peft.tuners.lora import LoraLayer
 
 from ..quantization import dequantized_weight, is_quantized_layer
 from ..zero import broadcast_from_rank0, gathered, is_partitioned, true_shape
+from .fused import fuse_frozen_a
 from .init import init_factor, module_seed
 from .recipe import Recipe, RecipeError
 from .recipe_file import record_recipe_on_save
@@ -49,6 +50,7 @@ class LoRASYMConfig:
     use_rslora: bool = False
     task_type: str = "CAUSAL_LM"
     seed: int = 42
+    fuse_frozen_a: bool = True  # a frozen A's projection in the base GEMM where it applies (adapters/fused.py)
     extra_lora_kwargs: dict = field(default_factory=dict)
 
     def resolved_recipe(self) -> Recipe:
@@ -89,6 +91,11 @@ def get_lorasym_model(model: torch.nn.Module, config: LoRASYMConfig, adapter_nam
     apply_recipe(peft_model, recipe, seed=config.seed, adapter_name=adapter_name)
     if recipe.changes_model_at_init:
         logger.warning("recipe %s: B@A != 0 at step 0, so the adapted model differs from the base before training", recipe.name)
+    if config.fuse_frozen_a:
+        fuse_frozen_a(peft_model, adapter_name)
+    else:
+        peft_model.lorasym_adapter_path = "adapter path: peft's LoRA forward (--fused_frozen_a false)"
+    logger.info(peft_model.lorasym_adapter_path)
     return peft_model
 
 

@@ -38,6 +38,8 @@ class AdapterArguments:
     lora_dropout: float = field(default=DEFAULT_LORA_DROPOUT, metadata={"help": "dropout on the adapter input"})
     target_modules: list[str] | None = field(default=None, metadata={"help": "projections to adapt, or all-linear (every linear layer of the transformer blocks, never the output head); default: q,k,v,o,gate,up,down"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling lora_alpha / sqrt(r)"})
+    fused_frozen_a: bool = field(default=True, metadata={
+        "help": "a frozen A rides on the base GEMM (x @ [W; A]^T): the same numbers, a faster step; false: peft's forward"})
 
 
 @dataclass

@@ -107,7 +107,8 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     init_kwargs, sft_config.model_init_kwargs = sft_config.model_init_kwargs, None  # used; TRL, given a model, would warn
     model = get_lorasym_model(model, LoRASYMConfig(
         recipe=recipe, r=adapter_args.lora_r, lora_alpha=adapter_args.lora_alpha, lora_dropout=adapter_args.lora_dropout,
-        target_modules=adapter_args.target_modules, use_rslora=adapter_args.use_rslora, seed=sft_config.seed))
+        target_modules=adapter_args.target_modules, use_rslora=adapter_args.use_rslora, seed=sft_config.seed,
+        fuse_frozen_a=adapter_args.fused_frozen_a))
     logger.info("target modules%s: %s", " (all-linear)" if is_all_linear(adapter_args.target_modules) else "",
                 ", ".join(sorted(model.peft_config["default"].target_modules)))
     trainable, total = count_parameters(model)
@@ -128,7 +129,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
         trainer.add_callback(StopAfterSteps(data_args.stop_after_steps))
     write_run_record(sft_config.output_dir, adapter_args, model_args, data_args, sft_config, recipe, model_path,
                      resumed_from=resume, training_settings=settings, chat_template=template_record(tokenizer),
-                     quantization=quant.record(training_dtype_name(sft_config)))
+                     quantization=quant.record(training_dtype_name(sft_config)), adapter_path=model.lorasym_adapter_path)
     signals.install()  # from here a SIGTERM/SIGUSR1 means "checkpoint and exit", not "die now"
     try:
         result = trainer.train(resume_from_checkpoint=resume)

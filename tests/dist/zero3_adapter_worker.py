@@ -130,6 +130,7 @@ def main() -> None:
     # --- 2. rand init of A: from a CPU generator seeded by (seed, module name) -> same on every rank.
     model_rand = get_lorasym_model(build_partitioned_base(), LoRASYMConfig(recipe="A_rand_hB_zero", r=R, seed=ADAPTER_SEED))
     a_rand = lora_a_values(model_rand)
+    info["adapter_path"] = model_rand.lorasym_adapter_path
     for name, a in a_rand.items():
         gram = a.double() @ a.double().T
         assert torch.allclose(gram, torch.eye(R, dtype=torch.float64), atol=1e-5), f"{name}: rand A rows not orthonormal"
