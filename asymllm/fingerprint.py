@@ -83,11 +83,12 @@ def _edges_sha256(path: str) -> str:
 
 def adapter_fingerprint(folder: str) -> dict:
     """The adapter's files, hashed whole (adapters are small next to their models)."""
+    from .adapters.compact import COMPACT_WEIGHTS, FROZEN_RECORD
     from .adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from .adapters.recipe_file import RECIPE_FILE
 
     files = {name: (json_record if name.endswith(".json") else file_record)(os.path.join(folder, name))
-             for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, RECIPE_FILE)
+             for name in (ADAPTER_WEIGHTS, COMPACT_WEIGHTS, FROZEN_RECORD, ADAPTER_CONFIG, RECIPE_FILE)
              if os.path.isfile(os.path.join(folder, name))}  # lorasym.json is optional (a plain peft adapter)
     return _with_id({"path": os.path.abspath(folder), "files": files})
 

@@ -188,6 +188,8 @@ IGNORED_FLAGS = (
     "stop_after_steps", "max_bad_steps",
     # the fused frozen-A path computes peft's forward in fewer products (equal to fp32 rounding)
     "fused_frozen_a",
+    # how the final adapter's frozen factors are written (as tensors or as hash-checked seeds), not what they are
+    "save_frozen_as",
 )
 WORLD_SIZE = "world size"  # not a flag: the launcher's process count (global batch = per device x accumulation x this)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",

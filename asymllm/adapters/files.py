@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
 from ..zero import gathered, rank_and_world
+from .compact import COMPACT_WEIGHTS, CompactAdapterError, compact_adapter_dir, expanded_tensors, full_adapter_dir, is_compact
 from .model import set_recipe_trainability
 from .recipe_file import read_recipe_file, record_recipe_on_save
 
@@ -43,8 +44,9 @@ def peft_file_key(param_name: str) -> str:
     return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
 
 
-def save_adapter(model: PeftModel, output_dir: str, **save_kwargs) -> str:
+def save_adapter(model: PeftModel, output_dir: str, frozen_as: str = "tensor", **save_kwargs) -> str:
     """Write a complete peft adapter (frozen factors included) plus lorasym.json, then check it.
+    `frozen_as="seed"`: then rewrite it compact, frozen random factors as their seeds (adapters/compact.py).
 
     Under ZeRO-3 every rank must call this: the adapter parameters are gathered (a
     collective) and rank 0 writes.
@@ -56,21 +58,31 @@ def save_adapter(model: PeftModel, output_dir: str, **save_kwargs) -> str:
     if rank == 0:
         model.save_pretrained(output_dir, state_dict=state, **save_kwargs)
         verify_adapter_dir(output_dir)
+        if frozen_as == "seed":
+            model.lorasym_compacted = compact_adapter_dir(output_dir)
     if world > 1:
         torch.distributed.barrier()
     return output_dir
 
 
 def verify_adapter_dir(directory: str) -> dict[str, tuple[int, ...]]:
-    """Check a saved adapter: both factors of every module, no empty tensor. Returns shapes."""
-    weights = os.path.join(directory, ADAPTER_WEIGHTS)
+    """Check a saved adapter: both factors of every module, no empty tensor. Returns shapes.
+    A compact folder (adapters/compact.py) is checked as its expanded, hash-checked tensors."""
+    compact = is_compact(directory)
+    weights = os.path.join(directory, COMPACT_WEIGHTS if compact else ADAPTER_WEIGHTS)
     for required in (weights, os.path.join(directory, ADAPTER_CONFIG)):
         if not os.path.exists(required):
             raise AdapterFileError(f"{directory}: no {os.path.basename(required)}; not a peft adapter folder")
     shapes: dict[str, tuple[int, ...]] = {}
-    with safe_open(weights, framework="pt") as f:
-        for key in f.keys():
-            shapes[key] = tuple(f.get_slice(key).get_shape())
+    if compact:
+        try:
+            shapes = {key: tuple(t.shape) for key, t in expanded_tensors(directory).items()}
+        except CompactAdapterError as error:
+            raise AdapterFileError(str(error)) from None
+    else:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
     empty = [k for k, s in shapes.items() if 0 in s or len(s) == 0]
     if empty:
         raise AdapterFileError(
@@ -102,14 +114,15 @@ def load_lorasym_model(base_model: torch.nn.Module, adapter_dir: str, is_trainab
     and leaves the missing factor at its random init).
     """
     verify_adapter_dir(adapter_dir)
-    try:
-        model = PeftModel.from_pretrained(base_model, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
-    except RuntimeError as error:
-        if "size mismatch" not in str(error):
-            raise
-        first = next(line.strip() for line in str(error).splitlines() if "size mismatch" in line)
-        raise AdapterFileError(f"{adapter_dir}: the adapter does not fit this base model ({first})") from None
-    _check_no_missing_keys(model, adapter_dir, adapter_name)
+    with full_adapter_dir(adapter_dir) as full_dir:  # a compact folder: its frozen factors regenerated, hash-checked
+        try:
+            model = PeftModel.from_pretrained(base_model, full_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+        except RuntimeError as error:
+            if "size mismatch" not in str(error):
+                raise
+            first = next(line.strip() for line in str(error).splitlines() if "size mismatch" in line)
+            raise AdapterFileError(f"{adapter_dir}: the adapter does not fit this base model ({first})") from None
+        _check_no_missing_keys(model, full_dir, adapter_name)
     record = read_recipe_file(adapter_dir)
     if record is not None:
         recipe, seed = record

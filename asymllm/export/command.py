@@ -5,6 +5,7 @@
     asymllm export --adapter OUT/adapter --output served/ --adapter_only  # peft adapter for vLLM/TGI
     asymllm export --adapter OUT/adapter --output merged/ --tokenizer ORIGINAL_MODEL/   # base has no tokenizer files
     asymllm export --adapter OUT --output gguf/ --format gguf --gguf_type q8_0   # one .gguf for llama.cpp / ollama
+    asymllm export --adapter OUT/adapter --output full/ --format peft     # a plain peft adapter, also from a compact one
 
 The merged folder (config, safetensors shards + index, tokenizer with its chat template,
 generation config, README.md model card) loads with `AutoModelForCausalLM.from_pretrained(DIR)`
@@ -120,9 +121,11 @@ def parse_args(argv: list[str] | None = None) -> ExportArgs:
                         "chatml, llama3, llama2, mistral, alpaca, tokenizer or a Jinja file (default: as training "
                         "chooses; the adapter's own is always used)")
     gguf = parser.add_argument_group("--format gguf: one file for llama.cpp and ollama")
-    gguf.add_argument("--format", choices=["hf", "gguf"], default="hf",
+    gguf.add_argument("--format", choices=["hf", "gguf", "peft"], default="hf",
                       help="hf: a transformers folder (default); gguf: the merged model as one .gguf file named after "
-                           "the run, with its tokenizer and chat template, an ollama Modelfile and a README.md")
+                           "the run, with its tokenizer and chat template, an ollama Modelfile and a README.md; peft: the "
+                           "adapter alone as a plain peft folder, every factor a tensor (= --adapter_only; also from a "
+                           "compact --save_frozen_as seed adapter)")
     gguf.add_argument("--gguf_type", choices=list(GGUF_TYPES), default="f16",
                       help="weights in the .gguf file (default f16); norms stay f32, as llama.cpp keeps them")
     gguf.add_argument("--gguf_pre_tokenizer", metavar="NAME",
@@ -133,7 +136,9 @@ def parse_args(argv: list[str] | None = None) -> ExportArgs:
                                           ("--max_shard_size", args.max_shard_size != "5GB")) if value]
         if given:
             parser.error(f"{', '.join(given)}: not for --format gguf (its weights type is --gguf_type)")
-    elif args.gguf_type != "f16" or args.gguf_pre_tokenizer:
+    elif args.format == "peft":
+        args.adapter_only = True
+    if args.format != "gguf" and (args.gguf_type != "f16" or args.gguf_pre_tokenizer):
         parser.error("--gguf_type and --gguf_pre_tokenizer are for --format gguf")
     return ExportArgs(**vars(args))
 
@@ -159,6 +164,9 @@ def export(adapter: str, output: str, base: str | None = None, dtype: str | None
     """Merge (or, with adapter_only, re-save) an adapter; see the module docstring for the steps."""
     if format == "gguf":
         return export_gguf(adapter, output, base, gguf_type, verify, overwrite, tokenizer, gguf_pre_tokenizer, chat_template)
+    if format not in ("hf", "peft"):
+        raise ExportError(f"--format {format!r}: choose one of hf, gguf, peft")
+    adapter_only = adapter_only or format == "peft"
     start = time.perf_counter()
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
+from ..adapters.compact import COMPACT_WEIGHTS, expanded_tensors, is_compact
 from ..adapters.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFileError, verify_adapter_dir
 from ..adapters.recipe import Recipe
 from ..adapters.recipe_file import read_recipe_file
@@ -70,6 +71,10 @@ def read_adapter(adapter_dir: str, base: BaseCheckpoint | None, base_name: str |
         config = json.load(f)
     record = read_recipe_file(adapter_dir)
     recipe, seed = record if record else (None, None)
+    if is_compact(adapter_dir):  # frozen factors regenerated from their seeds, hash-checked
+        return AdapterSource(adapter_dir, config, expanded_tensors(adapter_dir), recipe, seed,
+                             f"compact adapter {os.path.abspath(os.path.join(adapter_dir, COMPACT_WEIGHTS))} (frozen factors "
+                             "regenerated from their seeds, sha256-checked)", run_dir)
     return AdapterSource(adapter_dir, config, load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS)), recipe, seed,
                          f"adapter file {os.path.abspath(os.path.join(adapter_dir, ADAPTER_WEIGHTS))}", run_dir)
 

@@ -39,7 +39,10 @@ class AdapterArguments:
     target_modules: list[str] | None = field(default=None, metadata={"help": "projections to adapt, or all-linear (every linear layer of the transformer blocks, never the output head); default: q,k,v,o,gate,up,down"})
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scaling lora_alpha / sqrt(r)"})
     fused_frozen_a: bool = field(default=True, metadata={
-        "help": "a frozen A rides on the base GEMM (x @ [W; A]^T): the same numbers, a faster step; false: peft's forward"})
+        "help": "base and frozen A as one autograd node, the adapter added in place: peft's numbers, a faster step; false: peft's forward"})
+    save_frozen_as: str = field(default="tensor", metadata={
+        "help": "tensor: the final adapter is a plain peft one; seed: frozen rand/he/zero factors stored as their seed and "
+                "sha256 (half the file for A_rand_hB_zero; asymllm export --format peft writes the plain one)"})
 
 
 @dataclass
@@ -279,6 +282,18 @@ def zero_stage(deepspeed) -> int | None:
     return stage if isinstance(stage, int) else None
 
 
+def _check_save_frozen_as(value: str, recipe: Recipe) -> None:
+    from ..adapters.compact import REGENERABLE_INITS, SAVE_FROZEN_AS
+
+    if value not in SAVE_FROZEN_AS:
+        raise ConfigError(f"--save_frozen_as {value}: choose one of {', '.join(SAVE_FROZEN_AS)}")
+    regenerable = [letter for letter in "AB" if not getattr(recipe, letter).trainable
+                   and getattr(recipe, letter).init in REGENERABLE_INITS]
+    if value == "seed" and not regenerable:
+        raise ConfigError(f"--save_frozen_as seed: recipe {recipe.name} has no frozen {'/'.join(REGENERABLE_INITS)} factor "
+                          "to store as a seed (V and U come from the base's SVD); drop the flag")
+
+
 def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
     """Refuse flag values that would fail (or silently do nothing) after the data and the model
     have loaded. Returns the parsed recipe."""
@@ -293,6 +308,7 @@ def check_run_flags(adapter_args, data_args, sft_config) -> Recipe:
     _require(adapter_args.lora_dropout, "--lora_dropout", "a probability in [0, 1), e.g. 0 or 0.05",
              lambda v: _is_number(v) and 0 <= v < 1)
     adapter_args.target_modules = _check_target_modules(adapter_args.target_modules)
+    _check_save_frozen_as(adapter_args.save_frozen_as, recipe)
     try:
         check_chat_template(data_args, sft_config)
         check_trl_fields(sft_config)

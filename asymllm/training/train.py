@@ -145,7 +145,7 @@ def train(adapter_args, model_args, data_args, sft_config) -> dict:
     if data_args.stop_after_steps and trainer.state.global_step < trainer.state.max_steps:
         logger.info("stopped at step %d as asked (--stop_after_steps)", trainer.state.global_step)
         return {"stopped_at": trainer.state.global_step, "output_dir": sft_config.output_dir}
-    return finish(trainer, sft_config, eval_set, result)
+    return finish(trainer, sft_config, eval_set, result, adapter_args.save_frozen_as)
 
 
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",), "comet_ml": ("comet_ml",)}
@@ -335,9 +335,9 @@ def remove_earlier_run(output_dir: str, earlier: list[str]) -> None:
         logger.warning("--overwrite_output_dir: removed the earlier run's %s from %s", ", ".join(f"{n}/" for n in earlier), output_dir)
 
 
-def finish(trainer, sft_config, eval_set, result) -> dict:
+def finish(trainer, sft_config, eval_set, result, frozen_as: str = "tensor") -> dict:
     final_dir = os.path.join(sft_config.output_dir, "adapter")
-    trainer.save_model(final_dir)
+    trainer.save_model(final_dir, frozen_as=frozen_as)  # compact: logged by adapters/compact.py
     metrics = {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                "trainable_params": count_parameters(trainer.model)[0]}
     if eval_set is not None:

@@ -169,10 +169,10 @@ class LorasymSFTTrainer(SFTTrainer):
         if self.is_world_process_zero():
             write_run_card(self.args.output_dir)
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, frozen_as: str = "tensor") -> None:
         """Every rank enters (the gather is a collective); rank 0 writes and verifies."""
         output_dir = output_dir or self.args.output_dir
-        save_adapter(self.model, output_dir)
+        save_adapter(self.model, output_dir, frozen_as=frozen_as)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
