@@ -73,7 +73,8 @@ def test_training_forwards_run_in_bf16_with_fp32_master_weights(tmp_path, autoca
     dataset, _ = tokenize_examples(examples, tokenizer, max_length=64)
     seen = []
     _, layer = next(lora_layers(model))
-    layer.lora_B["default"].register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    # the adapted layer's output: the fused frozen-A node computes base and adapter in one (no lora_B call)
+    layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     before = layer.lora_B["default"].weight.detach().clone()
     args = RunConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",
                      save_strategy="no", learning_rate=1e-2, bf16=False, cpu_autocast_bf16=autocast)
