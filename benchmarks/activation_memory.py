@@ -20,6 +20,9 @@ it), on the 7 projections. Per run:
 - step peak RSS (MiB): VmHWM during the step minus RSS before it (the peak reset at the
   start of the step through /proc/self/clear_refs), i.e. what the step adds to the process;
 - peak RSS (MiB): the process's high-water mark during the step.
+With `--device cuda` (benchmarks/gpu_check.sh runs it when a GPU is there) the step peak is
+`torch.cuda.max_memory_allocated` during the step minus the memory allocated before it, and the
+peak column the maximum itself.
 The ratio columns divide by peft LoRA r=16 in the same setting. RSS counts what glibc keeps after
 frees, so read RSS ratios as about +-50 MiB; the saved-activation bytes have no noise.
 """
@@ -47,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--checkpointing", default="off,on", help="activation checkpointing settings to run (default off,on)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: GPU memory (max_memory_allocated)")
     p.add_argument("--output", help="also write the markdown report to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     args = p.parse_args(argv)
@@ -60,7 +64,7 @@ def rss_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def one_step(variant: str, length: int, batch: int, checkpointing: bool) -> dict:
+def one_step(variant: str, length: int, batch: int, checkpointing: bool, device: str = "cpu") -> dict:
     """In this (fresh) process: build the model, run one step, report memory."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -79,10 +83,10 @@ def one_step(variant: str, length: int, batch: int, checkpointing: bool) -> dict
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model.train()
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -92,9 +96,15 @@ def one_step(variant: str, length: int, batch: int, checkpointing: bool) -> dict
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    before = rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 1024
+    else:
+        before = rss_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()
     if checkpointing:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
@@ -103,17 +113,19 @@ def one_step(variant: str, length: int, batch: int, checkpointing: bool) -> dict
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     optimizer.step()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = rss_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 1024 if cuda else rss_kib("VmHWM")
     return {"saved_mib": sum(saved.values()) / 2**20 if not checkpointing else None,
             "step_peak_mib": (peak - before) / 1024, "peak_mib": peak / 1024, "seconds": seconds,
             "trainable": count_parameters(model)[0], "path": getattr(model, "lorasym_adapter_path", "peft's LoRA forward")}
 
 
-def run_config(variant, length, batch, checkpointing, threads) -> dict:
+def run_config(variant, length, batch, checkpointing, threads, device="cpu") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    spec = json.dumps([variant, length, batch, checkpointing])
+    spec = json.dumps([variant, length, batch, checkpointing, device])
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", spec, "--threads", str(threads)],
                           cwd=REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -127,14 +139,13 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        variant, length, batch, checkpointing = json.loads(args.one)
-        print(json.dumps(one_step(variant, length, batch, checkpointing)))
+        print(json.dumps(one_step(*json.loads(args.one))))
         return 0
     started, load = time.perf_counter(), os.getloadavg()
     rows = []
     for checkpointing in args.checkpointing:
         for length in args.lengths:
-            results = {v: run_config(v, length, args.batch, checkpointing, args.threads) for v in VARIANTS}
+            results = {v: run_config(v, length, args.batch, checkpointing, args.threads, args.device) for v in VARIANTS}
             ref = results[REFERENCE]
             for v, r in results.items():
                 saved = "-" if r["saved_mib"] is None else f"{r['saved_mib']:.0f} ({r['saved_mib'] / ref['saved_mib']:.3f})"
@@ -147,13 +158,14 @@ def main(argv=None) -> int:
     import transformers
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    memory = "CUDA allocated" if args.device == "cuda" else "RSS"
     report = [f"- run: {now}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
               f"Python {platform.python_version()}, {platform.machine()} with {os.cpu_count()} CPUs, {args.threads} threads; "
               f"load average at start {'/'.join(f'{x:.2f}' for x in load)}; took {(time.perf_counter() - started) / 60:.1f} min",
               "- SmolLM2-135M-Instruct (built-in), float32, sdpa, one step (forward + backward + AdamW), random tokens; "
               "adapters on q, k, v, o, gate, up, down; ratios to peft LoRA r=16 in the same row group", "",
               "| batch x length | activation checkpointing | variant | trainable params | saved activations MiB (vs LoRA r=16) | "
-              "step peak RSS MiB (vs LoRA r=16) | peak RSS MiB (vs LoRA r=16) | step s |",
+              f"step peak {memory} MiB (vs LoRA r=16) | peak {memory} MiB (vs LoRA r=16) | step s |",
               "|---|---|---|---:|---:|---:|---:|---:|", *rows]
     text = "\n".join(report) + "\n"
     print(text, end="")

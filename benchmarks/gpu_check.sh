@@ -170,3 +170,9 @@ peak GPU memory:  {r['max_memory_allocated_gib']:.2f} GiB allocated, {r['max_mem
 ==================================================""")
 PYEOF
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then cp "$RESULT" "$OUT_DIR/train.log" "$OUT/"; fi
+
+# issue 29: activation memory of one step on the GPU, asym vs peft LoRA (torch.cuda.max_memory_allocated)
+if [ "$DRY" != 1 ] && [ "${ACTIVATION_MEMORY:-1}" = 1 ]; then
+  echo "== activation memory (benchmarks/activation_memory.py --device cuda; ACTIVATION_MEMORY=0 skips it)"
+  "$PY" benchmarks/activation_memory.py --device cuda --lengths 1024,2048
+fi
