@@ -61,7 +61,10 @@ def compact_adapter_dir(directory: str) -> dict:
     frozen, kept = {}, {}
     for key, tensor in tensors.items():
         entry = _regeneration_entry(key, tensor, tensors, recipe, seed)
-        (frozen.__setitem__(key, entry) if entry else kept.__setitem__(key, tensor))
+        if entry:
+            frozen[key] = entry
+        else:
+            kept[key] = tensor
     bytes_before = os.path.getsize(full_path)
     save_file(kept, os.path.join(directory, COMPACT_WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(directory, FROZEN_RECORD), "w") as f:
