@@ -15,10 +15,11 @@ from asymllm.tiny import tiny_causal_lm
 R = 8
 
 
-def pair(family: str, recipe: str = "A_rand_hB_zero", **config):
+def pair(family: str, recipe: str = "A_rand_hB_zero", dtype=torch.float32, **config):
     """(peft's forward, fused) adapters of the same base, with a B already away from zero so that
     the adapter term is in every number compared."""
-    plain = get_lorasym_model(tiny_causal_lm(family, seed=0), LoRASYMConfig(recipe=recipe, r=R, seed=3, fuse_frozen_a=False, **config))
+    base = tiny_causal_lm(family, seed=0).to(dtype)
+    plain = get_lorasym_model(base, LoRASYMConfig(recipe=recipe, r=R, seed=3, fuse_frozen_a=False, **config))
     with torch.no_grad():
         for _, layer in lora_layers(plain):
             layer.lora_B["default"].weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(layer.out_features))
@@ -39,9 +40,9 @@ def step(model, batch, optimizer=None):
     return out
 
 
-def close(a, b, what):
+def close(a, b, what, rel=1e-5):
     scale = b.abs().max().item()
-    assert (a - b).abs().max().item() <= 1e-5 * max(scale, 1.0), f"{what}: fused and peft differ by {(a - b).abs().max():.3g}"
+    assert (a - b).abs().max().item() <= rel * max(scale, 1.0), f"{what}: fused and peft differ by {(a - b).abs().max():.3g}"
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
@@ -97,13 +98,61 @@ def test_a_trained_A_dropout_or_a_merge_takes_peft_forward_and_says_why(token_ba
         close(base, plain(input_ids=token_batch).logits, "adapter disabled")
 
 
-def test_a_cast_or_autocast_after_fusing_still_gives_peft_numbers(token_batch):
+def lora_B_calls(model) -> list:
+    """Records every call of a lora_B module: peft's forward makes them, the fused node does not."""
+    calls = []
+    for _, layer in lora_layers(model):
+        layer.lora_B["default"].register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def forward_backward(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    return out.logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_under_autocast_the_fused_node_runs_in_bf16_as_autocast_runs_peft(token_batch):
+    """--cpu_autocast_bf16 and a GPU --bf16 run train under autocast: the fused node takes it,
+    computes in bf16 (fp32 master B), and is as close to the fp32 numbers as peft's forward is."""
     plain, fused = pair("llama")
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # peft's forward, as autocast casts per op
-        assert torch.equal(fused(input_ids=token_batch).logits, plain(input_ids=token_batch).logits)
+    reference = forward_backward(plain, token_batch)  # fp32, no autocast
+    calls = [lora_B_calls(m) for m in (plain, fused)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_bf16, fused_bf16 = forward_backward(plain, token_batch), forward_backward(fused, token_batch)
+    assert len(calls[0]) == 14 and calls[1] == []  # peft's path called every lora_B; the fused one none
+    assert all(p.dtype == torch.float32 for n, p in fused.named_parameters() if "lora_" in n)
+    for (name, ref), ours, peft in zip([("logits", reference[0])] + sorted(reference[1].items()),
+                                       [fused_bf16[0]] + [fused_bf16[1][n] for n in sorted(reference[1])],
+                                       [peft_bf16[0]] + [peft_bf16[1][n] for n in sorted(reference[1])]):
+        scale = ref.abs().max().item()
+        ours_err, peft_err = (ours - ref).abs().max().item(), (peft - ref).abs().max().item()
+        assert peft_err > 1e-4 * scale, f"{name}: autocast changed nothing, so this compares nothing"
+        assert ours_err <= 2 * peft_err + 1e-3 * scale, f"{name}: fused bf16 off by {ours_err:.3g}, peft's by {peft_err:.3g}"
+
+
+def test_a_bf16_base_with_fp32_adapters_takes_the_fused_path_in_peft_dtypes(token_batch):
+    """A bf16 base gets fp32 adapters from peft; the node computes the adapter in fp32 as peft does."""
+    plain, fused = pair("mistral", dtype=torch.bfloat16)
+    layer = next(m for m in fused.modules() if type(m) is FusedFrozenALinear)
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16 and layer.lora_B["default"].weight.dtype == torch.float32
+    assert fused_count(fused) == 14
+    calls = lora_B_calls(fused)
+    (plain_logits, plain_grads), (fused_logits, fused_grads) = forward_backward(plain, token_batch), forward_backward(fused, token_batch)
+    assert calls == []
+    close(fused_logits, plain_logits, "logits, bf16 base", rel=2e-2)
+    for name in plain_grads:
+        close(fused_grads[name], plain_grads[name], f"grad {name}, bf16 base", rel=5e-2)
+
+
+def test_a_cast_after_fusing_still_gives_peft_numbers(token_batch):
+    plain, fused = pair("llama")
     plain.double(), fused.double()
     close(fused(input_ids=token_batch).logits, plain(input_ids=token_batch).logits, "after .double()")
     assert fused_count(fused) == 14
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone; the node does too
+        assert torch.equal(fused(input_ids=token_batch).logits, plain(input_ids=token_batch).logits)
 
 
 def test_unfuse_returns_to_peft_forward_and_reloads_in_plain_peft(token_batch, tmp_path):

@@ -71,16 +71,19 @@ def test_training_forwards_run_in_bf16_with_fp32_master_weights(tmp_path, autoca
     examples = [Example([{"role": "user", "content": f"add {i} and {i}"}, {"role": "assistant", "content": str(2 * i)}], f"x:{i}")
                 for i in range(8)]
     dataset, _ = tokenize_examples(examples, tokenizer, max_length=64)
-    seen = []
+    seen, lora_B_calls = [], []
     _, layer = next(lora_layers(model))
-    # the adapted layer's output: the fused frozen-A node computes base and adapter in one (no lora_B call)
+    # the adapted layer's output: the fused frozen-A node computes base and adapter in one (no lora_B call),
+    # under autocast as well as without it
     layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    layer.lora_B["default"].register_forward_hook(lambda *_: lora_B_calls.append(1))
     before = layer.lora_B["default"].weight.detach().clone()
     args = RunConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, report_to="none",
                      save_strategy="no", learning_rate=1e-2, bf16=False, cpu_autocast_bf16=autocast)
     trainer = LorasymSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     assert seen and set(seen) == {torch.bfloat16 if autocast else torch.float32}
+    assert lora_B_calls == [] and "fused frozen A" in model.lorasym_adapter_path
     assert all(p.dtype == torch.float32 for p in model.parameters())
     state = [s for group in trainer.optimizer.state.values() for s in group.values() if torch.is_tensor(s) and s.dim()]
     assert state and all(s.dtype == torch.float32 for s in state)

@@ -12,10 +12,15 @@ Computing `x @ [W; A]^T` as one product was measured too (benchmarks/RESULTS.md,
 adapter_step): on the CPUs here the wider GEMM ran slower than the base GEMM plus the skinny
 x A^T, so A's product stays its own.
 
+Dtypes follow peft's forward. Beside a bf16 base peft keeps the adapters in fp32 and computes
+`x A^T` and its product with B in fp32, adds in fp32 and casts back; the node does the same.
+Under autocast (a GPU `--bf16` run, `--cpu_autocast_bf16`) every product runs in the autocast
+dtype, as autocast would run peft's four linears; the fp32 B is cast differentiably, so its
+gradient reaches the fp32 master copy.
+
 Where the path does not apply, the layer runs peft's own forward; `fuse_frozen_a` says
 which and why. It never applies to a partitioned (ZeRO-3) or quantized base, an A that
-trains, dropout on the adapter input, DoRA, a trained bias, several active adapters, or
-under autocast.
+trains, dropout on the adapter input, DoRA, a trained bias, or several active adapters.
 """
 
 from __future__ import annotations
@@ -43,8 +48,12 @@ class FrozenAProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, scaling: float):
         flat = x.reshape(-1, x.shape[-1])
-        h = F.linear(flat, lora_A)
-        y = F.linear(flat, weight).addmm_(h, lora_B.t(), alpha=scaling)  # no separate adapter output
+        h = F.linear(flat.to(lora_A.dtype), lora_A)  # peft computes the adapter in its own dtype
+        y = F.linear(flat, weight)
+        if y.dtype == h.dtype:
+            y.addmm_(h, lora_B.t(), alpha=scaling)  # no separate adapter output
+        else:  # a bf16 base beside fp32 adapters: peft adds in the adapter's dtype, then casts back
+            y = y.to(h.dtype).addmm_(h, lora_B.t(), alpha=scaling).to(y.dtype)
         ctx.save_for_backward(weight, lora_A, lora_B, h)
         ctx.scaling = scaling
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -53,12 +62,17 @@ class FrozenAProduct(torch.autograd.Function):
     def backward(ctx, grad_y):
         weight, lora_A, lora_B, h = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
+        g_adapter = g.to(lora_B.dtype)
         grad_x = grad_B = None
         if ctx.needs_input_grad[3]:
-            grad_B = torch.mm(g.t(), h).mul_(ctx.scaling)
+            grad_B = torch.mm(g_adapter.t(), h).mul_(ctx.scaling)
         if ctx.needs_input_grad[0]:
-            grad_h = torch.mm(g, lora_B)
-            grad_x = torch.mm(g, weight).addmm_(grad_h, lora_A, alpha=ctx.scaling)  # g W + s (g B) A
+            grad_h = torch.mm(g_adapter, lora_B)
+            grad_x = torch.mm(g, weight)  # g W + s (g B) A
+            if grad_x.dtype == grad_h.dtype:
+                grad_x.addmm_(grad_h, lora_A, alpha=ctx.scaling)
+            else:
+                grad_x.add_(torch.mm(grad_h.mul_(ctx.scaling), lora_A).to(grad_x.dtype))
             grad_x = grad_x.view(*grad_y.shape[:-1], weight.shape[1])
         return grad_x, None, None, grad_B, None
 
@@ -74,18 +88,32 @@ class FusedFrozenALinear(PeftLoraLinear):
         if not self._fused_now(x, args, kwargs):
             return super().forward(x, *args, **kwargs)
         name, base = self.active_adapters[0], self.get_base_layer()
-        y = FrozenAProduct.apply(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]))
-        return y if base.bias is None else y + base.bias
+        weight, lora_A, lora_B, bias = base.weight, self.lora_A[name].weight, self.lora_B[name].weight, base.bias
+        scaling = float(self.scaling[name])
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # autocast runs every linear in its dtype; cast as it does (differentiably, so B's gradient
+            # reaches its fp32 master copy) and run the node outside autocast, in that one dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                y = FrozenAProduct.apply(x, weight, lora_A, lora_B, scaling)
+        else:
+            y = FrozenAProduct.apply(x, weight, lora_A, lora_B, scaling)
+        return y if bias is None else y + bias
 
     def _fused_now(self, x, args, kwargs) -> bool:
         """False when this call must take peft's path: checked every call, as a merge, a disabled
-        adapter, a cast or autocast can come at any time after the layer was fused."""
+        adapter or a cast can come at any time after the layer was fused."""
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return False
-        if torch.is_autocast_enabled(x.device.type):  # autocast casts per op; peft's path keeps its semantics
-            return False
         name = self.active_adapters[0]
-        return name in self.lora_A and x.dtype == self.get_base_layer().weight.dtype and why_not_fusable(self, name) is None
+        if name not in self.lora_A or why_not_fusable(self, name) is not None:
+            return False
+        if torch.is_autocast_enabled(x.device.type):  # autocast leaves float64 alone; so does peft's path
+            return x.dtype != torch.float64 and self.get_base_layer().weight.dtype != torch.float64
+        return x.dtype == self.get_base_layer().weight.dtype
 
 
 def why_not_fusable(layer: torch.nn.Module, adapter_name: str = "default") -> str | None:
@@ -108,8 +136,10 @@ def why_not_fusable(layer: torch.nn.Module, adapter_name: str = "default") -> st
         return "DoRA or a LoRA bias"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out weight layout"
-    if not (weight.dtype == lora_A.dtype == lora_B.dtype and weight.device == lora_A.device == lora_B.device):
-        return f"base in {weight.dtype}, adapter in {lora_B.dtype}"
+    if lora_A.dtype != lora_B.dtype or not weight.dtype.is_floating_point:
+        return f"base in {weight.dtype}, A in {lora_A.dtype}, B in {lora_B.dtype}"
+    if not weight.device == lora_A.device == lora_B.device:
+        return "base and adapter on different devices"
     return None
 
 
