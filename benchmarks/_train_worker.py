@@ -22,7 +22,12 @@ Measurement, identical for both (the `Measured` mixin + `Timer` callback):
 - memory: the peak RSS (VmHWM) of the process up to the start of training (model load,
   adapter, DeepSpeed init), then, after resetting the high-water mark
   (/proc/self/clear_refs 5), the peak during the training steps; and the RSS at the end;
-  per step, the RSS at step begin and when the model's forward returns, and the peak so far.
+  per step, the RSS at step begin and when the model's forward returns, and the peak so far;
+- where a step's time goes (`Phases`): wall seconds per step in the decoder's forward (the
+  layers the adapters live in), the rest of the model's forward (the LM head and TRL's
+  per-token log-probs, entropy and accuracy), backward, gradient clipping, the optimizer
+  step, and the rest of the step (zero_grad, the scheduler, TRL's metrics bookkeeping,
+  callbacks). A few perf_counter calls per step; both variants carry them.
 Each rank writes DIR/rank{R}.json.
 """
 
@@ -123,6 +128,7 @@ class Timer(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.t0 = self.t1 = self.step_start = self.step_cpu_start = None
+        self.phases = Phases()
 
     def on_train_begin(self, args, state, control, **kwargs):
         bench = self.trainer.bench
@@ -130,12 +136,14 @@ class Timer(TrainerCallback):
             bench[key] = []
         # RSS when the model's forward returns (activations held, backward not begun)
         self.trainer.model.register_forward_hook(lambda *_: self._record("step_rss_forward_end_mib", "VmRSS"))
+        self.phases.install(self.trainer)
         bench["before_train"] = rss_status()
         bench["model_footprint_bytes"] = self.trainer.model.get_memory_footprint()  # weights and buffers, as held
         bench["loadavg_start_of_train"] = os.getloadavg()
         bench["peak_reset"] = reset_peak_rss()
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self.phases.begin_step(self.trainer)
         self.trainer._step_tokens = 0
         self._record("step_rss_begin_mib", "VmRSS")
         self.step_start, self.step_cpu_start = time.perf_counter(), time.process_time()
@@ -146,6 +154,7 @@ class Timer(TrainerCallback):
         bench["step_seconds"].append(round(now - self.step_start, 4))
         bench["step_cpu_seconds"].append(round(time.process_time() - self.step_cpu_start, 4))
         bench["step_loss_tokens"].append(self.trainer._step_tokens)
+        bench.setdefault("step_phases", []).append(self.phases.end_step(now - self.step_start))
         self._record("step_peak_so_far_mib", "VmHWM")
         if state.global_step == self.trainer.bench_warmup:
             self.t0, self.cpu0 = now, time.process_time()
@@ -166,6 +175,58 @@ class Timer(TrainerCallback):
         bench["global_step"] = state.global_step
         bench["trainable_params"], bench["total_params"] = count_parameters(self.trainer.model)
         RESULT.update(bench)
+
+
+class Phases:
+    """Wall seconds per training step in its parts, by hooks and wrappers on what the Trainer calls."""
+
+    NAMES = ("decoder forward", "LM head + TRL per-token outputs", "backward", "clip grad norm", "optimizer step", "rest")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.optimizer_wrapped = False
+
+    def install(self, trainer) -> None:
+        model = trainer.model
+        decoder = next(m for m in model.modules() if hasattr(m, "layers") and hasattr(m, "embed_tokens"))
+        self._time_module(model, "forward")
+        self._time_module(decoder, "decoder forward")
+        trainer.accelerator.backward = self._timed(trainer.accelerator.backward, "backward")
+        trainer.accelerator.clip_grad_norm_ = self._timed(trainer.accelerator.clip_grad_norm_, "clip grad norm")
+
+    def begin_step(self, trainer) -> None:
+        if not self.optimizer_wrapped and trainer.optimizer is not None:  # built after on_train_begin in some versions
+            trainer.optimizer.step = self._timed(trainer.optimizer.step, "optimizer step")
+            self.optimizer_wrapped = True
+        self.seconds = {}
+
+    def end_step(self, step_seconds: float) -> dict:
+        s = self.seconds
+        if not self.optimizer_wrapped:
+            s["optimizer step"] = float("nan")
+        parts = {"decoder forward": s.get("decoder forward", 0.0),
+                 "LM head + TRL per-token outputs": s.get("forward", 0.0) - s.get("decoder forward", 0.0),
+                 "backward": s.get("backward", 0.0), "clip grad norm": s.get("clip grad norm", 0.0),
+                 "optimizer step": s.get("optimizer step", 0.0)}
+        parts["rest"] = step_seconds - sum(v for v in parts.values() if v == v)
+        return {k: round(v, 5) for k, v in parts.items()}
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def _timed(self, fn, name: str):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(name, time.perf_counter() - start)
+        return wrapper
+
+    def _time_module(self, module, name: str) -> None:
+        starts = []
+        module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+        module.register_forward_hook(lambda *_: self._add(name, time.perf_counter() - starts.pop()))
 
 
 RESULT: dict = {}

@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python benchmarks/adapter_step.py [--steps N --warmup N --threads N] [--output FILE]
+    python benchmarks/adapter_step.py [--steps N --warmup N --threads N] [--autocast] [--device cuda] [--output FILE]
 
 A step is what a Trainer step is: zero_grad, forward with labels (causal-LM loss),
 backward, AdamW step. The optimizer holds only parameters with requires_grad, as
@@ -21,6 +21,12 @@ random weights from `asymllm.tiny`. Variants, each a fresh model built from the 
   (A's projection in the base GEMM, `asymllm/adapters/fused.py`; issue 29).
 
 All adapters go into the same 7 projections (q, k, v, o, gate, up, down).
+
+`--autocast` runs every forward under `torch.autocast(device_type, dtype=torch.bfloat16)` (fp32
+weights, bf16 products: what `--cpu_autocast_bf16 true` and, on a GPU, `--bf16` train in); on a
+CPU it needs bf16 units (amx_bf16 or avx512_bf16) to mean anything. `--device cuda` runs every
+variant on the GPU (each step timed between CUDA synchronisations; benchmarks/gpu_check.sh runs
+it with `--autocast`).
 
 The variants are timed interleaved: each round runs one step of every variant, in an
 order rotated every round, so machine noise (other processes on a shared CPU) falls on
@@ -77,8 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--autocast", action="store_true", help="forwards under bf16 autocast")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--output", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch.cuda.is_available() is False")
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("need --steps >= 1, --warmup >= 0, --threads >= 1")
     return args
@@ -131,10 +141,10 @@ class Run:
     times: list[float] = field(default_factory=list)
 
 
-def build_run(name: str) -> Run:
+def build_run(name: str, device: str) -> Run:
     wrap, expected = VARIANTS[name]
     torch.manual_seed(SEED)  # peft draws its default A init from the global generator
-    model = wrap(fresh_base())
+    model = wrap(fresh_base()).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE) if params else None
     trainable, total = count_parameters(model)
@@ -153,15 +163,21 @@ def make_batch() -> torch.Tensor:
     return torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ_LEN), generator=generator)
 
 
-def train_step(run: Run, input_ids: torch.Tensor) -> float:
+def train_step(run: Run, input_ids: torch.Tensor, autocast: bool) -> float:
     """Seconds for zero_grad + forward + backward + optimizer step."""
+    cuda = input_ids.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     if run.optimizer is not None:
         run.optimizer.zero_grad(set_to_none=True)
-    loss = run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = run.model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     loss.backward()
     if run.optimizer is not None:
         run.optimizer.step()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -172,12 +188,12 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
                for t in state.values() if torch.is_tensor(t))
 
 
-def run_rounds(runs: list[Run], input_ids: torch.Tensor, rounds: int, timed: bool) -> None:
+def run_rounds(runs: list[Run], input_ids: torch.Tensor, rounds: int, timed: bool, autocast: bool) -> None:
     """One step of every variant per round, the order rotated by one each round."""
     for round_index in range(rounds):
         shift = round_index % len(runs)
         for run in runs[shift:] + runs[:shift]:
-            seconds = train_step(run, input_ids)
+            seconds = train_step(run, input_ids, autocast)
             if run.state_bytes is None:  # AdamW allocates all its state in the first step
                 run.state_bytes = optimizer_state_bytes(run.optimizer)
             if timed:
@@ -206,6 +222,10 @@ def check_factors(run: Run) -> tuple[bool, str]:
     return passed, line
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
+
+
 def header(args: argparse.Namespace, total_params: int, load: tuple[tuple, tuple], timed_seconds: float) -> list[str]:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     fmt = lambda la: "/".join(f"{x:.2f}" for x in la)  # noqa: E731
@@ -217,7 +237,8 @@ def header(args: argparse.Namespace, total_params: int, load: tuple[tuple, tuple
         f"timed rounds took {timed_seconds:.1f} s of wall time",
         f"- model: Llama, {total_params:,} parameters (hidden {MODEL['hidden_size']}, {MODEL['num_layers']} layers, "
         f"{MODEL['num_heads']} heads / {MODEL['num_kv_heads']} KV heads, intermediate {MODEL['intermediate_size']}, "
-        f"vocab {MODEL['vocab_size']}, untied head), float32, batch {BATCH} x {SEQ_LEN}",
+        f"vocab {MODEL['vocab_size']}, untied head), float32{' under bf16 autocast' if args.autocast else ''} on {device_name(args.device)}, "
+        f"batch {BATCH} x {SEQ_LEN}",
         f"- step: zero_grad + forward + backward + AdamW(lr={LEARNING_RATE}); adapters r={RANK}, alpha={ALPHA} "
         f"on {', '.join(TARGETS)}; {args.warmup} warmup + {args.steps} timed steps per variant, interleaved",
     ]
@@ -257,12 +278,12 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     total_params = count_parameters(fresh_base())[1]
     print(f"building {len(VARIANTS)} variants of a {total_params:,}-parameter Llama ...", flush=True)
-    runs = [build_run(name) for name in VARIANTS]
-    input_ids = make_batch()
-    run_rounds(runs, input_ids, args.warmup, timed=False)
+    runs = [build_run(name, args.device) for name in VARIANTS]
+    input_ids = make_batch().to(args.device)
+    run_rounds(runs, input_ids, args.warmup, timed=False, autocast=args.autocast)
     print(f"timing {args.steps} interleaved rounds ...", flush=True)
     start = time.perf_counter()
-    run_rounds(runs, input_ids, args.steps, timed=True)
+    run_rounds(runs, input_ids, args.steps, timed=True, autocast=args.autocast)
     timed_seconds = time.perf_counter() - start
     checks = [check_factors(run) for run in runs if run.expected is not None]
     report = (header(args, total_params, (load_start, os.getloadavg()), timed_seconds) + [""] + table(runs) + [""]

@@ -176,3 +176,9 @@ if [ "$DRY" != 1 ] && [ "${ACTIVATION_MEMORY:-1}" = 1 ]; then
   echo "== activation memory (benchmarks/activation_memory.py --device cuda; ACTIVATION_MEMORY=0 skips it)"
   "$PY" benchmarks/activation_memory.py --device cuda --lengths 1024,2048
 fi
+
+# issue 29: one training step, fused frozen-A path vs peft's forward vs peft LoRA, on the GPU under bf16 autocast
+if [ "$DRY" != 1 ] && [ "${ADAPTER_STEP:-1}" = 1 ]; then
+  echo "== adapter step (benchmarks/adapter_step.py --device cuda --autocast; ADAPTER_STEP=0 skips it)"
+  "$PY" benchmarks/adapter_step.py --device cuda --autocast --steps 50 --warmup 5
+fi

@@ -33,7 +33,9 @@ order flipping every repeat, so machine noise falls on both alike. Per run:
 - peak RSS (training): the high-water RSS during the training steps (VmHWM, reset at
   train begin), max over ranks; peak RSS (whole run): the high-water RSS over the whole
   process (loading included), max over ranks.
-Medians over the repeats are reported. `--output FILE` also writes the report (markdown).
+Medians over the repeats are reported, and where a step's time goes (benchmarks/_train_worker.py,
+`Phases`: decoder forward, LM head and TRL's per-token outputs, backward, clipping, optimizer, the
+rest). `--output FILE` also writes the report (markdown).
 
 RSS counts what glibc keeps after tensors are freed, so peaks vary by about +-100 MiB
 from run to run. For a figure closer to live tensor memory, run with
@@ -155,6 +157,8 @@ def summarise_run(ranks: list[dict], wall: float, load_before, warmup: int, step
         "peak_reset": all(r["peak_reset"] for r in ranks), "wall": wall,
         "load_before": load_before, "load_end_of_train": ranks[0]["loadavg_end_of_train"],
         "threads": ranks[0]["torch_threads"],
+        "phases": {name: statistics.median(step[name] for step in ranks[0]["step_phases"][timed])
+                   for name in ranks[0]["step_phases"][0]},
     }
 
 
@@ -168,7 +172,25 @@ def aggregate(runs: list[dict]) -> dict:
         "peak_train_sum_mib": med("peak_train_sum_mib"),
         "trainable": runs[0]["trainable"], "total": runs[0]["total"], "steps_timed": runs[0]["steps_timed"],
         "tokens": runs[0]["tokens"], "same_tokens": len({tuple(r["step_tokens"]) for r in runs}) == 1,
+        "phases": {name: statistics.median(r["phases"][name] for r in runs) for name in runs[0]["phases"]},
+        "step_seconds": statistics.median(statistics.median(r["step_seconds"]) for r in runs),
     }
+
+
+def phase_table(results: dict, setups: list[str]) -> list[str]:
+    """Where a timed step's time goes (rank 0; medians over steps, then over runs)."""
+    lines = ["Where a step's time goes (rank 0, seconds per timed step; medians over steps, then runs):", "",
+             "| setup | part of the step | asymllm s | peer s | asymllm / peer | share of asymllm's step |",
+             "|---|---|---:|---:|---:|---:|"]
+    for setup in setups:
+        a, p = results[setup][ASYM], results[setup][PEER]
+        for name in a["phases"]:
+            x, y = a["phases"][name], p["phases"][name]
+            ratio = f"{x / y:.3f}" if y > 0 else "-"
+            lines.append(f"| {SETUPS[setup]['title']} | {name} | {x:.3f} | {y:.3f} | {ratio} | {100 * x / a['step_seconds']:.0f}% |")
+        lines.append(f"| {SETUPS[setup]['title']} | whole step (median) | {a['step_seconds']:.3f} | {p['step_seconds']:.3f} | "
+                     f"{a['step_seconds'] / p['step_seconds']:.3f} | 100% |")
+    return lines
 
 
 def header(args, model: str, dataset: str, load: tuple, total_seconds: float) -> list[str]:
@@ -288,7 +310,8 @@ def main(argv=None) -> int:
                 all_runs.append((setup, variant, repeat, r))
     results = {s: {v: aggregate(runs) for v, runs in by_variant.items()} for s, by_variant in per_variant.items()}
     report = (header(args, model, dataset, (load_start, os.getloadavg()), time.perf_counter() - start) + [""]
-              + table(results, args.setups) + [""] + verdicts(results, args.setups) + [""] + run_lines(all_runs))
+              + table(results, args.setups) + [""] + verdicts(results, args.setups) + [""]
+              + phase_table(results, args.setups) + [""] + run_lines(all_runs))
     if not all(r["peak_reset"] for *_, r in all_runs):
         report.append("note: /proc/self/clear_refs could not reset the peak RSS; 'training' peaks include loading")
     text = "\n".join(report) + "\n"
