@@ -102,13 +102,25 @@ def test_yaml_config_with_flags_winning(tiny_model_dir, tmp_path):
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint /no/such/checkpoint: no such checkpoint folder"),
     (["--packing", "true", "--packing_strategy", "wrapped"], "packing"),
 ])
-def test_user_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, flags, message):
+def test_user_mistakes_are_one_clear_line(tiny_model_dir, tmp_path, capsys, flags, message):
+    """In this process (an `asymllm train` process costs 7 s of imports here); the one-line exit
+    of the real command is the next test's."""
     args = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "1", *flags]
     if "--model" in flags:
         args = args[2:]
+    with pytest.raises(SystemExit) as exited:  # any other exception would be a traceback for the user
+        main(args)
+    said = (exited.value.code if isinstance(exited.value.code, str) else "") + capsys.readouterr().err
+    assert exited.value.code not in (0, None)
+    assert message in said, said[-2000:]
+
+
+def test_a_user_mistake_ends_the_real_command_with_one_line_and_no_traceback(tiny_model_dir, tmp_path):
+    args = ["--model", tiny_model_dir, "--output_dir", str(tmp_path / "out"), "--recipe", "A_rnd_hB_zero"]
     done = subprocess.run([sys.executable, "-m", "asymllm.cli", "train", *args], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert message in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("asymllm train: error: ")]
+    assert len(errors) == 1 and "unknown init 'rnd' for A" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
 
 
