@@ -57,6 +57,12 @@ def test_load_regenerates_the_frozen_factors_and_plain_peft_refuses_the_compact_
     # never B beside a freshly initialised A: peft finds no adapter_model.safetensors, looks for a hub repo and stops
     with pytest.raises(Exception, match="Repo id|adapter_model.safetensors"):
         PeftModel.from_pretrained(tiny_causal_lm("llama", seed=0), str(small))
+    # what peft does not say, the folder's model card does: first, under peft's front matter
+    card = (small / "README.md").read_text()
+    assert card.startswith("---\nbase_model") and "library_name: peft" in card.split("\n---\n")[0]
+    body = card.split("\n---\n", 1)[1].lstrip()
+    assert body.startswith("> **A compact asymllm adapter.**") and "--format peft" in body.split("\n\n")[0]
+    assert "A compact asymllm adapter" not in (full / "README.md").read_text()
 
 
 @pytest.mark.parametrize("tamper", ["seed", "generator"])

@@ -7,9 +7,10 @@ torch version's generator (or a tampered record) is an error naming the module, 
 silently different adapter (peft keeps VeRA's projections in the file for that fear).
 
 The folder is not a peft adapter on purpose: its weights file has another name, so plain
-peft stops with "can't find adapter_model.safetensors" instead of loading B beside a freshly
-initialised A. asymllm reads it everywhere an adapter folder is taken (eval, chat, export);
-`asymllm export --format peft` writes the standard full adapter from it.
+peft finds no adapter_model.safetensors and stops (with a hub "Repo id must be ..." error)
+instead of loading B beside a freshly initialised A; the folder's model card says what it is
+and how to convert it. asymllm reads it everywhere an adapter folder is taken (eval, chat,
+export); `asymllm export --format peft` writes the standard full adapter from it.
 """
 
 from __future__ import annotations
@@ -73,10 +74,32 @@ def compact_adapter_dir(directory: str) -> dict:
                    "torch": torch.__version__, "recipe": recipe.name, "seed": seed, "factors": frozen}, f, indent=1)
     os.remove(full_path)
     expanded_tensors(directory)  # the folder just written must read back, hash for hash
+    _say_so_in_the_card(directory)
     done = {"regenerated": len(frozen), "kept": len(kept), "bytes_before": bytes_before,
             "bytes_after": os.path.getsize(os.path.join(directory, COMPACT_WEIGHTS)) + os.path.getsize(os.path.join(directory, FROZEN_RECORD))}
     logger.info(compact_summary(done, directory))
     return done
+
+
+COMPACT_NOTICE = """> **A compact asymllm adapter.** Its frozen factors are stored as init, seed, shape and sha256
+> (lorasym_frozen.json), not as tensors, so plain peft cannot load this folder: `PeftModel.from_pretrained`
+> finds no adapter_model.safetensors and stops with "Repo id must be in the form ...". asymllm loads it
+> (eval, chat, export), regenerating each factor and checking its hash. For a standard peft adapter run
+> `asymllm export --adapter THIS_FOLDER --output OUT --format peft`.
+"""
+
+
+def _say_so_in_the_card(directory: str) -> None:
+    """peft's model card, with the notice above its first heading: the card is what a hub page
+    or a user opening the folder reads first, and peft's own error does not say what to do."""
+    path = os.path.join(directory, "README.md")
+    card = open(path).read() if os.path.isfile(path) else ""
+    front, body = "", card
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        end = card.index("\n---\n", 4) + len("\n---\n")
+        front, body = card[:end], card[end:]
+    with open(path, "w") as f:
+        f.write(front + "\n" + COMPACT_NOTICE + "\n" + body.lstrip("\n"))
 
 
 def compact_summary(done: dict, directory: str) -> str:
