@@ -184,7 +184,7 @@ class Phases:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self.optimizer_wrapped = False
+        self.optimizer_wrapped = False  # the Trainer's optimizer exists by the first step, not always at train begin
 
     def install(self, trainer) -> None:
         model = trainer.model
@@ -195,20 +195,16 @@ class Phases:
         trainer.accelerator.clip_grad_norm_ = self._timed(trainer.accelerator.clip_grad_norm_, "clip grad norm")
 
     def begin_step(self, trainer) -> None:
-        if not self.optimizer_wrapped and trainer.optimizer is not None:  # built after on_train_begin in some versions
+        if not self.optimizer_wrapped:
             trainer.optimizer.step = self._timed(trainer.optimizer.step, "optimizer step")
             self.optimizer_wrapped = True
         self.seconds = {}
 
     def end_step(self, step_seconds: float) -> dict:
-        s = self.seconds
-        if not self.optimizer_wrapped:
-            s["optimizer step"] = float("nan")
-        parts = {"decoder forward": s.get("decoder forward", 0.0),
-                 "LM head + TRL per-token outputs": s.get("forward", 0.0) - s.get("decoder forward", 0.0),
-                 "backward": s.get("backward", 0.0), "clip grad norm": s.get("clip grad norm", 0.0),
-                 "optimizer step": s.get("optimizer step", 0.0)}
-        parts["rest"] = step_seconds - sum(v for v in parts.values() if v == v)
+        s = dict.fromkeys(("forward", "decoder forward", "backward", "clip grad norm", "optimizer step"), 0.0) | self.seconds
+        parts = {"decoder forward": s["decoder forward"], "LM head + TRL per-token outputs": s["forward"] - s["decoder forward"],
+                 "backward": s["backward"], "clip grad norm": s["clip grad norm"], "optimizer step": s["optimizer step"]}
+        parts["rest"] = step_seconds - sum(parts.values())
         return {k: round(v, 5) for k, v in parts.items()}
 
     def _add(self, name: str, seconds: float) -> None:

@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from _report import emit  # benchmarks/_report.py (a script's own folder is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {"asym16": "asymllm A_rand_hB_zero r=16", "lora16": "peft LoRA r=16", "lora8": "peft LoRA r=8 (equal params)"}
 REFERENCE = "lora16"
@@ -167,11 +169,7 @@ def main(argv=None) -> int:
               "| batch x length | activation checkpointing | variant | trainable params | saved activations MiB (vs LoRA r=16) | "
               f"step peak {memory} MiB (vs LoRA r=16) | peak {memory} MiB (vs LoRA r=16) | step s |",
               "|---|---|---|---:|---:|---:|---:|---:|", *rows]
-    text = "\n".join(report) + "\n"
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(report, args.output)
     return 0
 
 

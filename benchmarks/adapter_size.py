@@ -29,6 +29,8 @@ from asymllm.adapters.compact import expanded_tensors
 from asymllm.builtin import resolve_model
 from safetensors.torch import load_file
 
+from _report import emit  # benchmarks/_report.py (a script's own folder is on sys.path)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -60,11 +62,7 @@ def main(argv=None) -> int:
              "| adapter folder | bytes | vs peft LoRA |", "|---|---:|---:|"]
     lines += [f"| {labels[n]} | {b:,} | {b / sizes['lora']:.3f} |" for n, b in sizes.items()]
     lines += ["", f"compact adapter expands to the full one, tensor for tensor: {'OK' if same else 'FAILED'}"]
-    text = "\n".join(lines) + "\n"
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(lines, args.output)
     return 0 if same else 1
 
 

@@ -61,6 +61,8 @@ from peft import LoraConfig, get_peft_model
 from asymllm import LoRASYMConfig, Recipe, count_parameters, get_lorasym_model, lora_layers
 from asymllm.tiny import tiny_causal_lm
 
+from _report import emit  # benchmarks/_report.py (a script's own folder is on sys.path)
+
 MODEL = dict(vocab_size=8192, hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2,
              intermediate_size=688, max_positions=512)
 BATCH, SEQ_LEN = 4, 256
@@ -288,11 +290,7 @@ def main(argv=None) -> int:
     checks = [check_factors(run) for run in runs if run.expected is not None]
     report = (header(args, total_params, (load_start, os.getloadavg()), timed_seconds) + [""] + table(runs) + [""]
               + [line for _, line in checks] + verdicts(runs))
-    text = "\n".join(report) + "\n"
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(report, args.output)
     return 0 if all(ok for ok, _ in checks) else 1
 
 

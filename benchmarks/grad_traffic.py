@@ -31,6 +31,8 @@ import subprocess
 import sys
 from collections import defaultdict
 
+from _report import emit  # benchmarks/_report.py (a script's own folder is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = {"asym": "asymllm A_rand_hB_zero r=16", "lora": "peft LoRA r=16"}
@@ -161,13 +163,9 @@ def main(argv=None) -> int:
     import torch
 
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    text = "\n".join([f"- run: {now}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, Python "
+    emit([f"- run: {now}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, Python "
                       f"{platform.python_version()}, {platform.machine()} with {os.cpu_count()} CPUs; model {model_dir}; "
-                      f"2 gloo ranks, batch {BATCH} x {LENGTH} per rank, one step, float32", "", *rows]) + "\n"
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+                      f"2 gloo ranks, batch {BATCH} x {LENGTH} per rank, one step, float32", "", *rows], args.output)
     return 0
 
 

@@ -36,6 +36,8 @@ from transformers import AutoModelForCausalLM
 from asymllm import LoRASYMConfig, get_lorasym_model
 from asymllm.builtin import resolve_model
 
+from _report import emit  # benchmarks/_report.py (a script's own folder is on sys.path)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 LORA = "peft LoRA r=16"
@@ -128,11 +130,7 @@ def main(argv=None) -> int:
     for variant in VARIANTS:
         print(f"{variant} ...", flush=True)
         results[variant] = measure(variant, ids, args.steps)
-    text = "\n".join(report(args, results)) + "\n"
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(report(args, results), args.output)
     return 0
 
 

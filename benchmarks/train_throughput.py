@@ -59,6 +59,8 @@ import sys
 import tempfile
 import time
 
+from _report import emit  # benchmarks/_report.py (a script's own folder is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "benchmarks", "_train_worker.py")
 sys.path.insert(0, REPO)
@@ -314,11 +316,7 @@ def main(argv=None) -> int:
               + phase_table(results, args.setups) + [""] + run_lines(all_runs))
     if not all(r["peak_reset"] for *_, r in all_runs):
         report.append("note: /proc/self/clear_refs could not reset the peak RSS; 'training' peaks include loading")
-    text = "\n".join(report) + "\n"
-    print(text, end="")
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+    emit(report, args.output)
     return 0
 
 
